@@ -1,0 +1,110 @@
+r"""Loading of the compiled extension and choice of the backend.
+
+The extension ``fastbnf._C`` is loaded lazily, on the first op call. A missing or broken
+extension gives one warning and the pure-PyTorch backend, never an import error.
+"""
+
+__all__ = ["backend", "has_kernel", "load_extension"]
+
+import functools
+import importlib
+import os
+import torch
+import warnings
+
+from ._schemas import KERNEL_SUFFIX, OP_NAMES
+
+BACKENDS = ("torch", "cpp", "cuda")
+_COMPILED = {"cpu": "cpp", "cuda": "cuda"}
+
+
+@functools.cache
+def load_extension() -> bool:
+    r"""Loads ``fastbnf._C`` once and tells whether it loaded.
+
+    Setting ``FASTBNF_JIT=1`` builds it with :func:`torch.utils.cpp_extension.load` when it is
+    not installed.
+    """
+
+    # The kernel ops must be declared before the extension registers implementations of them.
+    from . import ops  # noqa: F401
+
+    try:
+        importlib.import_module("fastbnf._C")
+        return True
+    except ImportError as error:
+        reason = error
+
+    if os.environ.get("FASTBNF_JIT") == "1":
+        try:
+            from ._build import jit_load
+
+            jit_load()
+            return True
+        except Exception as error:  # noqa: BLE001 (any build failure means the fallback)
+            reason = error
+
+    warnings.warn(
+        f"fastbnf: the compiled kernels are not available ({reason}); "
+        "falling back to the pure-PyTorch backend.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+@functools.cache
+def has_kernel(device_type: str) -> bool:
+    r"""Tells whether every compiled kernel op is registered for a device type.
+
+    Arguments:
+        device_type: A device type, such as ``"cpu"`` or ``"cuda"``.
+    """
+
+    if device_type not in _COMPILED or not load_extension():
+        return False
+
+    key = "CPU" if device_type == "cpu" else "CUDA"
+
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbnf::{name}{KERNEL_SUFFIX}", key)
+        for name in OP_NAMES
+    )
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    r"""Returns the backend that runs the ops on a device.
+
+    The backend is ``"cuda"`` or ``"cpp"`` where the compiled kernels exist for the device and
+    ``"torch"`` (pure PyTorch) elsewhere. The environment variable ``FASTBNF_BACKEND`` forces one;
+    forcing a backend that cannot run on the device is an error.
+
+    Arguments:
+        device: A device.
+
+    Returns:
+        The name of the backend, ``"torch"``, ``"cpp"`` or ``"cuda"``.
+    """
+
+    device_type = torch.device(device).type
+    forced = os.environ.get("FASTBNF_BACKEND", "")
+
+    if forced == "":
+        return _COMPILED[device_type] if has_kernel(device_type) else "torch"
+    elif forced == "torch":
+        return "torch"
+    elif forced not in BACKENDS:
+        raise ValueError(
+            f"FASTBNF_BACKEND={forced!r} is not a backend; expected one of {BACKENDS}."
+        )
+    elif _COMPILED.get(device_type) != forced:
+        raise RuntimeError(
+            f"FASTBNF_BACKEND={forced!r} cannot run tensors on device type {device_type!r}."
+        )
+    elif not has_kernel(device_type):
+        raise RuntimeError(
+            f"FASTBNF_BACKEND={forced!r} is forced but the {forced} kernels are not built; "
+            "install fastbnf with its extension (see the README) or unset FASTBNF_BACKEND."
+        )
+
+    return forced

@@ -1,0 +1,54 @@
+r"""The op contract, declared once.
+
+Every op exists twice with the same schema: the public op ``fastbnf::<name>``, implemented in
+Python (it picks a backend at call time), and the compiled kernel ``fastbnf::<name>_kernel``,
+whose CPU and CUDA implementations the extension ``fastbnf._C`` registers. Declaring both here
+means the ops exist whether or not the extension is built, and that C++ only ever registers
+implementations.
+
+For a group of T tensors (one device, one dtype) with N elements in all, in group order:
+
+``sample(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)``
+    returns ``(theta, kl, rng_state)``. ``theta`` is flat, ``(N,)`` when ``n`` is None and
+    ``(n, N)`` otherwise, in ``out_dtype`` or the group's dtype; ``theta = mu + sigma * eps``
+    with ``sigma = exp(softclip(logvar, 18) / 2)``. ``kl`` is a 0-dim tensor of the group's
+    dtype, the KL divergence to the prior when ``with_kl`` and zero otherwise. ``rng_state``
+    is an int64 ``(seed, offset)`` pair on the group's device from which ``eps`` can be
+    regenerated; ``stream`` is folded into the seed (the data-parallel rank).
+``sample_backward(grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var,
+prior_vars, prior_means)``
+    returns the flat gradients ``(grad_means, grad_logvars)``, both ``(N,)`` in the group's
+    dtype, summed over the ``n`` samples, with the KL's terms added when ``with_kl``.
+``kl(means, logvars, prior_var, prior_vars, prior_means)`` and ``kl_backward(grad_kl, ...)``
+    the KL alone and its flat gradients.
+``variance(logvars)``
+    the flat ``exp(softclip(logvar, 18))``, for the local reparameterization trick.
+
+The prior of tensor t is ``N(m_t, v_t)`` with ``v_t = prior_vars[t]`` (or ``prior_var``) and
+``m_t = prior_means[t]`` (or 0). All tensors must be contiguous.
+"""
+
+__all__ = ["KERNEL_SUFFIX", "OP_NAMES", "SCHEMAS"]
+
+_PRIOR = "float prior_var, float[]? prior_vars, Tensor[]? prior_means"
+
+SCHEMAS: dict[str, str] = {
+    "sample": (
+        "(Tensor[] means, Tensor[] logvars, int? n, ScalarType? out_dtype, bool with_kl, "
+        f"{_PRIOR}, int stream) -> (Tensor theta, Tensor kl, Tensor rng_state)"
+    ),
+    "sample_backward": (
+        "(Tensor grad_theta, Tensor grad_kl, Tensor[] means, Tensor[] logvars, "
+        f"Tensor rng_state, bool with_kl, {_PRIOR}) -> (Tensor grad_means, Tensor grad_logvars)"
+    ),
+    "kl": f"(Tensor[] means, Tensor[] logvars, {_PRIOR}) -> Tensor",
+    "kl_backward": (
+        f"(Tensor grad_kl, Tensor[] means, Tensor[] logvars, {_PRIOR}) "
+        "-> (Tensor grad_means, Tensor grad_logvars)"
+    ),
+    "variance": "(Tensor[] logvars) -> Tensor",
+}
+
+OP_NAMES = tuple(SCHEMAS)
+
+KERNEL_SUFFIX = "_kernel"

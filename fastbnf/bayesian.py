@@ -1,0 +1,495 @@
+r"""Bayesian models, a drop-in replacement for ``zuko.bayesian``."""
+
+__all__ = ["BayesianModel"]
+
+import copy
+import math
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from numbers import Real
+from torch import Tensor
+from typing import Any
+
+from . import ops
+from .local_trick import is_trick_layer, local_linear, patched_forwards
+from .selection import Selected, select_parameters
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Group:
+    r"""Selected parameters of one device and dtype, handed to the ops together."""
+
+    keys: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    means: list[nn.Parameter] = field(default_factory=list)
+    logvars: list[nn.Parameter] = field(default_factory=list)
+    inits: list[Tensor] = field(default_factory=list)
+    places: list[tuple[nn.Module, str, int]] = field(default_factory=list)
+
+
+def _check_finite(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{argument} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+class BayesianModel(nn.Module):
+    r"""Creates a Bayesian wrapper around a base model.
+
+    Each selected parameter :math:`\theta` of the base model gets a diagonal Gaussian posterior
+    :math:`\mathcal{N}(\mu, \sigma^2)` with :math:`\sigma^2 = \exp(\mathrm{softclip}(\log
+    \sigma^2))`, whose means and log-variances are the parameters ``means`` and ``logvars``.
+    The means start at the base model's values, which are frozen (``requires_grad=False``).
+    Sampling and the KL divergence run as fused ops over all selected parameters at once.
+
+    Arguments:
+        base: A base model.
+        init_logvar: The initial log-variance of the posterior.
+        include_params: A list of parameter name prefixes to include. In a prefix, a
+            single star `*` matches alphanumeric strings (`[a-zA-Z0-9_]+`) and a double
+            star `**` matches dot-separated alphanumeric strings (`[a-zA-Z0-9_\.]+`). By
+            default, all parameters are included.
+        exclude_params: A list of parameter name prefixes to exclude.
+        sample_dtype: The dtype of the sampled parameters (:py:`torch.float16` or
+            :py:`torch.bfloat16`), by default that of the posterior.
+        fold_rank: Whether each rank of an initialized :mod:`torch.distributed` group draws
+            its own noise (the rank is folded into the key).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        init_logvar: float = -9.0,
+        include_params: Sequence[str] = ("",),
+        exclude_params: Sequence[str] = (),
+        sample_dtype: torch.dtype | None = None,
+        fold_rank: bool = True,
+    ) -> None:
+        init_logvar = _check_finite(init_logvar, "init_logvar")
+
+        if sample_dtype is not None and sample_dtype not in _LOW_PRECISION:
+            raise ValueError(
+                f"sample_dtype must be None, torch.float16 or torch.bfloat16, got {sample_dtype}."
+            )
+
+        selected = select_parameters(base, include_params, exclude_params)
+
+        super().__init__()
+
+        self.base = base
+        self.sample_dtype = sample_dtype
+        self.fold_rank = fold_rank
+
+        self.means = nn.ParameterDict()
+        self.logvars = nn.ParameterDict()
+
+        for s in selected:
+            # Flat kernels read contiguous memory: a channels_last weight must not give a
+            # channels_last mean.
+            self.means[s.key] = nn.Parameter(
+                torch.empty_like(s.param, memory_format=torch.contiguous_format)
+            )
+            self.logvars[s.key] = nn.Parameter(
+                torch.empty_like(s.param, memory_format=torch.contiguous_format)
+            )
+
+        # Same order of draws as zuko, so that a seed initializes both alike.
+        with torch.no_grad():
+            for s in selected:
+                self.means[s.key].copy_(s.param)
+                self.logvars[s.key].normal_(init_logvar, 1e-3)
+                s.param.requires_grad_(False)
+
+        self._selected = [(s.key, s.name, s.places) for s in selected]
+        self._groups = {}
+        self._active = False
+
+    # Groups are cached while the parameters stay the same objects on the same devices.
+
+    def _invalidate(self) -> None:
+        self._groups = {}
+
+    def _apply(self, fn, recurse=True):
+        self._invalidate()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_groups"] = {}
+        state["_active"] = False
+        return state
+
+    def _get_groups(self, skip: frozenset[str] = frozenset()) -> list[_Group]:
+        if skip in self._groups:
+            return self._groups[skip]
+
+        groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
+
+        for key, name, places in self._selected:
+            if key in skip:
+                continue
+
+            mean, logvar = self.means[key], self.logvars[key]
+            group = groups.setdefault((mean.device, mean.dtype), _Group())
+            module, attribute = places[0]
+
+            group.places.extend((m, a, len(group.keys)) for m, a in places)
+            group.keys.append(key)
+            group.names.append(name)
+            group.means.append(mean)
+            group.logvars.append(logvar)
+            group.inits.append(module._parameters[attribute])
+
+        self._groups[skip] = list(groups.values())
+        return self._groups[skip]
+
+    # Prior arguments, validated before anything runs.
+
+    def _check_prior(self, prior_var: Any, prior_mean: Any) -> None:
+        if isinstance(prior_var, Mapping):
+            for key, value in prior_var.items():
+                if key not in self.means:
+                    raise ValueError(f"prior_var: {key!r} is not a key of means.")
+                if _check_finite(value, f"prior_var[{key!r}]") <= 0:
+                    raise ValueError(f"prior_var[{key!r}] must be positive, got {value!r}.")
+        elif _check_finite(prior_var, "prior_var") <= 0:
+            raise ValueError(f"prior_var must be positive, got {prior_var!r}.")
+
+        if not (isinstance(prior_mean, str) and prior_mean == "init") and not (
+            isinstance(prior_mean, Real) and not isinstance(prior_mean, bool) and prior_mean == 0
+        ):
+            raise ValueError(
+                f"prior_mean must be 0.0 or 'init' (the base model's weights), got {prior_mean!r}."
+            )
+
+    def _prior_args(self, group: _Group, prior_var: Any, prior_mean: Any) -> tuple:
+        if isinstance(prior_var, Mapping):
+            var, variances = 1.0, [float(prior_var.get(key, 1.0)) for key in group.keys]
+        else:
+            var, variances = float(prior_var), None
+
+        inits = [t.contiguous() for t in group.inits] if prior_mean == "init" else None
+
+        return var, variances, inits
+
+    def _stream(self) -> int:
+        if self.fold_rank and dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+        return 0
+
+    def _sample_groups(
+        self,
+        n: int | None = None,
+        with_kl: bool = False,
+        prior_var: Any = 1.0,
+        prior_mean: Any = 0.0,
+        skip: frozenset[str] = frozenset(),
+    ) -> tuple[list[tuple[_Group, list[Tensor]]], Tensor | None]:
+        r"""Samples every group in one op call each, and sums their KL divergences."""
+
+        samples, total = [], None
+        stream = self._stream()
+
+        for group in self._get_groups(skip):
+            theta, kl, _ = ops.sample(
+                group.means,
+                group.logvars,
+                n,
+                self.sample_dtype,
+                with_kl,
+                *self._prior_args(group, prior_var, prior_mean),
+                stream,
+            )
+            samples.append((group, ops.unflatten(theta, group.means)))
+
+            if with_kl:
+                total = kl if total is None else total + kl.to(total.device)
+
+        return samples, total
+
+    def forward(self, *args, **kwargs) -> Any:
+        r"""Runs ``fn(module, *args, **kwargs)`` with the base model reparameterized.
+
+        This is the forward :class:`torch.nn.parallel.DistributedDataParallel` calls.
+
+        Arguments:
+            args: A function ``fn`` of the reparameterized model, then its arguments.
+            kwargs: Its keyword arguments.
+
+        Returns:
+            What ``fn`` returns.
+        """
+
+        if len(args) == 0 or isinstance(args[0], Tensor) or not callable(args[0]):
+            raise RuntimeError(
+                "'forward' method of BayesianModel should not be called directly. Use "
+                "'sample_model' or 'reparameterize' instead, or call it with a function "
+                "of the reparameterized model: bm(fn, *args)."
+            )
+
+        fn, *args = args
+
+        with self.reparameterize() as module:
+            return fn(module, *args, **kwargs)
+
+    def sample_params(self, n: int | None = None) -> dict[str, Tensor]:
+        r"""Returns model parameters sampled from the posterior.
+
+        Arguments:
+            n: The number of samples, drawn in one op call and stacked along a new first
+                dim. By default, one sample without that dim.
+
+        Returns:
+            The sampled parameters, keyed by parameter name.
+        """
+
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n must be None or a positive integer, got {n!r}.")
+
+        samples, _ = self._sample_groups(n=n)
+
+        return {
+            name: view for group, views in samples for name, view in zip(group.names, views)
+        }
+
+    def sample_model(self) -> nn.Module:
+        r"""Returns a model sampled from the posterior.
+
+        The returned model is a standalone copy of the base model where parameters have
+        been replaced. It can be used exactly in the same ways as the base model, and all
+        its parameters require gradients.
+
+        Warning:
+            This method should not be used for training as it cannot propagate gradients
+            to the Bayesian model's internal parameters.
+        """
+
+        with torch.no_grad():
+            params = self.sample_params()
+
+        new_base = copy.deepcopy(self.base)
+        new_base.load_state_dict(params, strict=False)
+
+        for name in params:
+            new_base.get_parameter(name).requires_grad_(True)
+
+        return new_base
+
+    @contextmanager
+    def reparameterize(
+        self,
+        local_trick: bool = False,
+        return_kl: bool = False,
+        prior_var: float | Mapping[str, float] = 1.0,
+        prior_mean: float | str = 0.0,
+    ) -> Iterator[nn.Module | tuple[nn.Module, Tensor]]:
+        r"""Reparameterizes the base model from the posterior.
+
+        Within this context, the base model is temporarily reparametrized and behaves
+        deterministically, meaning that two calls to a method with the same inputs,
+        leads to the same outputs.
+
+        Arguments:
+            local_trick: Whether to use the local reparameterization trick for linear
+                layers. Their weights (and Bayesian biases) are then not sampled.
+            return_kl: Whether to also yield the KL divergence to the prior, computed in the
+                same op call as the samples.
+            prior_var: The prior variance, or a dict of them keyed like ``means`` (missing
+                keys take 1), with ``return_kl``.
+            prior_mean: The prior mean, 0 or ``"init"`` for the base model's weights, with
+                ``return_kl``.
+
+        Yields:
+            The reparametrized base model, and the KL divergence if ``return_kl``.
+
+        References:
+            | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)
+            | https://arxiv.org/abs/1506.02557
+        """
+
+        if self._active:
+            raise RuntimeError(
+                "reparameterize() is already active on this BayesianModel; contexts on the same "
+                "model cannot nest. Use sample_model() for a second, independent sample."
+            )
+
+        self._check_prior(prior_var, prior_mean)
+
+        trick = self._trick_layers() if local_trick else {}
+        skip = frozenset(k for keys in trick.values() for k in keys if k in self.means)
+        samples, kl = self._sample_groups(
+            with_kl=return_kl, prior_var=prior_var, prior_mean=prior_mean, skip=skip
+        )
+
+        if return_kl and skip:
+            kl = self._kl_of(skip, prior_var, prior_mean, kl)
+
+        self._active = True
+
+        try:
+            with self._swapped(samples), self._trick(trick):
+                yield (self.base, kl) if return_kl else self.base
+        finally:
+            self._active = False
+
+    @contextmanager
+    def _swapped(self, samples: list[tuple[_Group, list[Tensor]]]) -> Iterator[None]:
+        originals = []
+
+        for group, views in samples:
+            for module, attribute, i in group.places:
+                originals.append((module, attribute, module._parameters[attribute]))
+                module._parameters[attribute] = views[i]
+
+        try:
+            yield
+        finally:
+            for module, attribute, original in reversed(originals):
+                module._parameters[attribute] = original
+
+    # The local reparameterization trick.
+
+    def _trick_layers(self) -> dict[str, tuple[str, str]]:
+        layers = {}
+
+        for name, module in self.base.named_modules():
+            prefix = name.replace(".", "-") + "-" if name else ""
+            if is_trick_layer(module) and prefix + "weight" in self.means:
+                layers[name] = (prefix + "weight", prefix + "bias")
+
+        return layers
+
+    @contextmanager
+    def _trick(self, layers: dict[str, tuple[str, str]]) -> Iterator[None]:
+        if not layers:
+            yield
+            return
+
+        keys = [k for pair in layers.values() for k in pair if k in self.means]
+        variances = {}
+
+        # One variance op per group of the trick's tensors.
+        for group in self._get_groups(frozenset(self.means.keys()) - frozenset(keys)):
+            views = ops.unflatten(ops.variance(group.logvars), group.logvars)
+            variances.update(zip(group.keys, views))
+
+        noises: dict[tuple[str, torch.Size], Tensor] = {}
+
+        def eta(name, shape, dtype, device):
+            if (name, shape) not in noises:
+                noises[name, shape] = torch.randn(shape, dtype=dtype, device=device)
+            return noises[name, shape]
+
+        forwards = {}
+
+        for name, (w_key, b_key) in layers.items():
+            module = self.base.get_submodule(name)
+            bayesian_bias = b_key in self.means
+            forwards[module] = partial(
+                self._local_forward,
+                module=module,
+                w_key=w_key,
+                b_key=b_key if bayesian_bias else None,
+                variances=variances,
+                eta=partial(eta, name),
+            )
+
+        with patched_forwards(forwards):
+            yield
+
+    def _local_forward(self, x, module, w_key, b_key, variances, eta) -> Tensor:
+        if b_key is None:
+            b_mean, b_var = module.bias, None
+        else:
+            b_mean, b_var = self.means[b_key], variances[b_key]
+
+        return local_linear(x, module, self.means[w_key], variances[w_key], b_mean, b_var, eta)
+
+    # The KL divergence.
+
+    def _kl_of(
+        self,
+        keys: frozenset[str],
+        prior_var: Any,
+        prior_mean: Any,
+        total: Tensor | None = None,
+    ) -> Tensor:
+        skip = frozenset(self.means.keys()) - keys
+
+        for group in self._get_groups(skip):
+            kl = ops.kl(group.means, group.logvars, *self._prior_args(group, prior_var, prior_mean))
+            total = kl if total is None else total + kl.to(total.device)
+
+        return total
+
+    def kl_divergence(
+        self,
+        prior_var: float | Mapping[str, float] = 1.0,
+        prior_mean: float | str = 0.0,
+    ) -> Tensor:
+        r"""Returns the KL divergence between the posterior and the prior.
+
+        Arguments:
+            prior_var: The prior variance, or a dict of them keyed like ``means`` (missing
+                keys take 1).
+            prior_mean: The prior mean, 0 or ``"init"`` for the base model's weights as they
+                were when wrapped.
+
+        Returns:
+            The KL divergence, summed over all selected parameters.
+        """
+
+        self._check_prior(prior_var, prior_mean)
+
+        return self._kl_of(frozenset(self.means.keys()), prior_var, prior_mean)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
+        r"""Copies parameters and buffers from a state dict, after checking all of it.
+
+        Unlike :meth:`torch.nn.Module.load_state_dict`, every key and shape is checked before
+        anything is copied, so a bad checkpoint leaves the model unchanged.
+        """
+
+        expected = self.state_dict()
+        problems = [
+            f"{key}: shape {tuple(value.shape)} in the state dict, "
+            f"{tuple(expected[key].shape)} in the model"
+            for key, value in state_dict.items()
+            if key in expected and isinstance(value, Tensor) and value.shape != expected[key].shape
+        ]
+
+        if strict:
+            problems += [f"{key}: missing" for key in expected.keys() - state_dict.keys()]
+            problems += [f"{key}: unexpected" for key in state_dict.keys() - expected.keys()]
+
+        if problems:
+            raise RuntimeError(
+                "BayesianModel.load_state_dict: the state dict does not fit the model, "
+                "nothing was loaded:\n  " + "\n  ".join(sorted(problems))
+            )
+
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._invalidate()
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        r"""Accesses named attribute.
+
+        If an attribute is not found in the BayesianModel, it is looked up in the base
+        model.
+        """
+
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)

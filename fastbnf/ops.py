@@ -1,0 +1,359 @@
+r"""The op boundary: the ops, their fake kernels and autograd, and the backend choice.
+
+The public ops ``torch.ops.fastbnf.*`` are declared from :mod:`fastbnf._schemas` and implemented
+here: each call runs the compiled kernel op ``fastbnf::<name>_kernel`` or the pure-PyTorch twin
+in :mod:`fastbnf.reference`, as :func:`fastbnf.backend` says for the device at call time.
+
+Two paths lead to them. Under :func:`torch.compile` the differentiable functions below call
+the custom ops, whose fake kernels and autograd are registered here, so a training step traces
+without graph breaks. In eager mode they call a :class:`torch.autograd.Function` that runs the
+same implementation directly: a custom op's Python dispatch costs a few hundred microseconds per
+call, as much as a whole step of a small model. Either way every call shows in
+:mod:`torch.profiler` as ``fastbnf::<name>``.
+"""
+
+__all__ = [
+    "kl",
+    "sample",
+    "unflatten",
+    "variance",
+]
+
+import torch
+
+from collections.abc import Sequence
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import reference
+from ._backend import backend
+from ._schemas import KERNEL_SUFFIX, SCHEMAS
+
+_LIBRARY = torch.library.Library("fastbnf", "FRAGMENT")
+
+for _name, _schema in SCHEMAS.items():
+    _LIBRARY.define(f"{_name}{KERNEL_SUFFIX}{_schema}")
+
+
+def _device(tensors: Sequence[Tensor]) -> torch.device:
+    return tensors[0].device if len(tensors) > 0 else torch.device("cpu")
+
+
+def _run(name: str, device: torch.device, *args):
+    r"""Runs an op on the backend that :func:`fastbnf.backend` names for the device."""
+
+    if backend(device) == "torch":
+        return getattr(reference, name)(*args)
+    return getattr(torch.ops.fastbnf, name + KERNEL_SUFFIX)(*args)
+
+
+# The public custom ops; their implementations pick the backend at call time.
+
+
+@torch.library.custom_op("fastbnf::sample", mutates_args=(), schema=SCHEMAS["sample"])
+def _sample_op(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream):
+    args = (means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
+    return _run("sample", _device(means), *args)
+
+
+@torch.library.custom_op(
+    "fastbnf::sample_backward", mutates_args=(), schema=SCHEMAS["sample_backward"]
+)
+def _sample_backward_op(
+    grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var, prior_vars, prior_means
+):
+    args = (grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var, prior_vars)
+    return _run("sample_backward", grad_theta.device, *args, prior_means)
+
+
+@torch.library.custom_op("fastbnf::kl", mutates_args=(), schema=SCHEMAS["kl"])
+def _kl_op(means, logvars, prior_var, prior_vars, prior_means):
+    return _run("kl", _device(means), means, logvars, prior_var, prior_vars, prior_means)
+
+
+@torch.library.custom_op("fastbnf::kl_backward", mutates_args=(), schema=SCHEMAS["kl_backward"])
+def _kl_backward_op(grad_kl, means, logvars, prior_var, prior_vars, prior_means):
+    args = (grad_kl, means, logvars, prior_var, prior_vars, prior_means)
+    return _run("kl_backward", _device(means), *args)
+
+
+@torch.library.custom_op("fastbnf::variance", mutates_args=(), schema=SCHEMAS["variance"])
+def _variance_op(logvars):
+    return _run("variance", _device(logvars), logvars)
+
+
+# Fake kernels: shapes and dtypes only, for torch.compile and opcheck.
+
+
+def _numel(tensors: Sequence[Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+def _flat_like(tensors: Sequence[Tensor], shape, dtype=None) -> Tensor:
+    if len(tensors) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return tensors[0].new_empty(shape, dtype=dtype)
+
+
+@_sample_op.register_fake
+def _(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream):
+    shape = (_numel(means),) if n is None else (n, _numel(means))
+    theta = _flat_like(means, shape, out_dtype)
+    return theta, _flat_like(means, ()), _flat_like(means, (2,), torch.int64)
+
+
+@_sample_backward_op.register_fake
+def _(grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var, prior_vars, prior_means):
+    return _flat_like(means, (_numel(means),)), _flat_like(means, (_numel(means),))
+
+
+@_kl_op.register_fake
+def _(means, logvars, prior_var, prior_vars, prior_means):
+    return _flat_like(means, ())
+
+
+@_kl_backward_op.register_fake
+def _(grad_kl, means, logvars, prior_var, prior_vars, prior_means):
+    return _flat_like(means, (_numel(means),)), _flat_like(means, (_numel(means),))
+
+
+@_variance_op.register_fake
+def _(logvars):
+    return _flat_like(logvars, (_numel(logvars),))
+
+
+# Autograd of the custom ops (the traced path).
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    r"""Splits a flat tensor into views shaped like a list of tensors.
+
+    One :func:`torch.split_with_sizes` and views, not one ``narrow`` per tensor: the backward of
+    the latter adds every gradient into a full-size buffer, quadratic in the number of tensors.
+
+    Arguments:
+        flat: A flat tensor, with as many elements as the tensors together along its last dim.
+        like: The tensors whose shapes to take.
+
+    Returns:
+        The views, one per tensor.
+    """
+
+    lead = flat.shape[:-1]
+    pieces = flat.split_with_sizes([t.numel() for t in like], dim=-1)
+    return [piece.view(*lead, *t.shape) for piece, t in zip(pieces, like, strict=True)]
+
+
+def _setup_sample(ctx, inputs, output):
+    means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream = inputs
+    ctx.options = (with_kl, prior_var, prior_vars, prior_means)
+    ctx.save_for_backward(*means, *logvars, output[2])
+    ctx.count = len(means)
+
+
+def _sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
+    saved = ctx.saved_tensors
+    means, logvars = saved[: ctx.count], saved[ctx.count : 2 * ctx.count]
+    rng_state = saved[-1]
+    grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward(
+        grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
+    )
+    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *(None,) * 7
+
+
+_sample_op.register_autograd(_sample_autograd, setup_context=_setup_sample)
+
+
+def _setup_kl(ctx, inputs, output):
+    means, logvars, *options = inputs
+    ctx.options = tuple(options)
+    ctx.save_for_backward(*means, *logvars)
+    ctx.count = len(means)
+
+
+def _kl_autograd(ctx, grad_kl):
+    saved = ctx.saved_tensors
+    means, logvars = saved[: ctx.count], saved[ctx.count :]
+    grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward(grad_kl, means, logvars, *ctx.options)
+    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), None, None, None
+
+
+_kl_op.register_autograd(_kl_autograd, setup_context=_setup_kl)
+
+
+def _variance_grad(grad: Tensor, logvars: Sequence[Tensor]) -> list[Tensor]:
+    flat = torch.cat([lv.reshape(-1) for lv in logvars])
+    grad_flat = grad * reference.softclip(flat).exp() * reference.softclip_grad(flat)
+    return unflatten(grad_flat, logvars)
+
+
+def _setup_variance(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0])
+
+
+def _variance_autograd(ctx, grad):
+    return _variance_grad(grad, ctx.saved_tensors)
+
+
+_variance_op.register_autograd(_variance_autograd, setup_context=_setup_variance)
+
+
+# The eager path: the same implementations behind autograd.Functions.
+
+
+class _Sample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, options, *tensors):
+        n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream = options
+        count = len(tensors) // 2
+        means, logvars = tensors[:count], tensors[count:]
+
+        with torch.profiler.record_function("fastbnf::sample"):
+            theta, divergence, rng_state = _run("sample", _device(means), means, logvars, *options)
+
+        ctx.options = (with_kl, prior_var, prior_vars, prior_means)
+        ctx.count = count
+        ctx.save_for_backward(*tensors, rng_state)
+        ctx.mark_non_differentiable(rng_state)
+        return theta, divergence, rng_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_theta, grad_kl, grad_rng):
+        *tensors, rng_state = ctx.saved_tensors
+        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+
+        with torch.profiler.record_function("fastbnf::sample_backward"):
+            grad_mu, grad_logvar = _run(
+                "sample_backward",
+                grad_theta.device,
+                grad_theta,
+                grad_kl,
+                means,
+                logvars,
+                rng_state,
+                *ctx.options,
+            )
+
+        return None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
+
+
+class _KL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, options, *tensors):
+        count = len(tensors) // 2
+        means, logvars = tensors[:count], tensors[count:]
+
+        with torch.profiler.record_function("fastbnf::kl"):
+            divergence = _run("kl", _device(means), means, logvars, *options)
+
+        ctx.options = options
+        ctx.count = count
+        ctx.save_for_backward(*tensors)
+        return divergence
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl):
+        tensors = ctx.saved_tensors
+        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+
+        with torch.profiler.record_function("fastbnf::kl_backward"):
+            grad_mu, grad_logvar = _run(
+                "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
+            )
+
+        return None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
+
+
+class _Variance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *logvars):
+        with torch.profiler.record_function("fastbnf::variance"):
+            out = _run("variance", _device(logvars), logvars)
+
+        ctx.save_for_backward(*logvars)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return tuple(_variance_grad(grad, ctx.saved_tensors))
+
+
+# The differentiable functions the model calls.
+
+
+def sample(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    n: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    with_kl: bool = False,
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+    stream: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Samples a group of parameters from their posterior, and optionally the KL.
+
+    Arguments:
+        means: The posterior means of the group's tensors (one device, one dtype, contiguous).
+        logvars: Their posterior log-variances, alike.
+        n: The number of samples, or :py:`None` for one sample without a leading dim.
+        out_dtype: The dtype of the samples, by default the group's.
+        with_kl: Whether to compute the KL divergence to the prior in the same pass.
+        prior_var: The variance of the prior.
+        prior_vars: Per-tensor prior variances, overriding ``prior_var``.
+        prior_means: Per-tensor prior means (by default zero).
+        stream: An integer folded into the noise's key (the data-parallel rank).
+
+    Returns:
+        The flat samples, shape :math:`(N)` or :math:`(n, N)`, the KL divergence (zero unless
+        ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
+    """
+
+    options = (n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
+
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbnf.sample(list(means), list(logvars), *options)
+    return _Sample.apply(options, *means, *logvars)
+
+
+def kl(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+) -> Tensor:
+    r"""Returns the KL divergence between a group's posterior and its prior.
+
+    Arguments:
+        means: The posterior means of the group's tensors.
+        logvars: Their posterior log-variances.
+        prior_var: The variance of the prior.
+        prior_vars: Per-tensor prior variances, overriding ``prior_var``.
+        prior_means: Per-tensor prior means (by default zero).
+
+    Returns:
+        The KL divergence, a 0-dim tensor.
+    """
+
+    options = (prior_var, prior_vars, prior_means)
+
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbnf.kl(list(means), list(logvars), *options)
+    return _KL.apply(options, *means, *logvars)
+
+
+def variance(logvars: Sequence[Tensor]) -> Tensor:
+    r"""Returns the flat posterior variances :math:`\exp(\mathrm{softclip}(\log \sigma^2))`.
+
+    Arguments:
+        logvars: The posterior log-variances of a group's tensors.
+    """
+
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbnf.variance(list(logvars))
+    return _Variance.apply(*logvars)

@@ -1,0 +1,215 @@
+r"""Pure-PyTorch twins of every op.
+
+They are the fallback on any device without a compiled kernel and the oracle every kernel is
+tested against. Each works on a whole group at once: a handful of PyTorch ops per group, not
+one loop over its tensors.
+
+The noise is drawn from a private :class:`torch.Generator` seeded by a key drawn from PyTorch's
+default CPU generator, so :func:`torch.manual_seed` and :func:`torch.random.fork_rng` reproduce
+samples, and the backward regenerates it from ``rng_state`` instead of keeping it. Its stream
+differs from the compiled kernels' Philox stream (see ``csrc/common/philox.h``).
+"""
+
+__all__ = [
+    "kl",
+    "kl_backward",
+    "sample",
+    "sample_backward",
+    "softclip",
+    "softclip_grad",
+    "variance",
+]
+
+import math
+import torch
+
+from collections.abc import Sequence
+from torch import Tensor
+
+SOFTCLIP_BOUND = 18.0
+
+_MASK64 = (1 << 64) - 1
+_STREAM_MIX = 0x9E3779B97F4A7C15
+
+
+def softclip(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
+    r"""Returns :math:`x / \sqrt{1 + (x / b)^2}`, a smooth clip of :math:`x` to :math:`(-b, b)`."""
+
+    return x * (1 + (x / bound).square()).rsqrt()
+
+
+def softclip_grad(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
+    r"""Returns the derivative of :func:`softclip`, :math:`(1 + (x / b)^2)^{-3/2}`."""
+
+    return (1 + (x / bound).square()).rsqrt().pow(3)
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    if len(tensors) == 0:
+        return torch.empty(0)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _group_like(tensors: Sequence[Tensor]) -> tuple[torch.dtype, torch.device]:
+    if len(tensors) == 0:
+        return torch.get_default_dtype(), torch.device("cpu")
+    return tensors[0].dtype, tensors[0].device
+
+
+def _prior(
+    means: Sequence[Tensor],
+    prior_var: float,
+    prior_vars: Sequence[float] | None,
+    prior_means: Sequence[Tensor] | None,
+) -> tuple[Tensor | float, Tensor | float]:
+    r"""Returns the prior mean and variance, per element where they vary per tensor."""
+
+    dtype, device = _group_like(means)
+
+    if prior_vars is None:
+        var = prior_var
+    else:
+        sizes = torch.tensor([m.numel() for m in means], device=device)
+        var = torch.tensor(prior_vars, dtype=dtype, device=device).repeat_interleave(sizes)
+
+    mean = 0.0 if prior_means is None else _flat(prior_means).to(dtype)
+
+    return mean, var
+
+
+def _log(x: Tensor | float) -> Tensor | float:
+    return x.log() if isinstance(x, Tensor) else math.log(x)
+
+
+def _key(stream: int) -> int:
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    seed = (seed ^ (stream * _STREAM_MIX)) & _MASK64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _noise(rng_state: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    seed, _ = rng_state.tolist()
+    generator = torch.Generator(device).manual_seed(seed & _MASK64)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def sample(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    n: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    with_kl: bool = False,
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+    stream: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Samples :math:`\theta = \mu + \sigma \epsilon` for a group, and optionally its KL.
+
+    See :mod:`fastbnf._schemas` for the contract.
+
+    Returns:
+        The flat samples, the KL (0-dim) and the ``(seed, offset)`` pair of the noise.
+    """
+
+    dtype, device = _group_like(means)
+    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
+    shape = (mu.numel(),) if n is None else (n, mu.numel())
+
+    rng_state = torch.tensor([_key(stream), 0], dtype=torch.int64, device=device)
+    eps = _noise(rng_state, shape, _compute_dtype(dtype), device)
+
+    sigma = softclip(logvar).div(2).exp()
+    theta = torch.addcmul(mu, sigma, eps).to(out_dtype or dtype)
+
+    if with_kl:
+        divergence = kl(means, logvars, prior_var, prior_vars, prior_means)
+    else:
+        divergence = torch.zeros((), dtype=dtype, device=device)
+
+    return theta, divergence, rng_state
+
+
+def sample_backward(
+    grad_theta: Tensor,
+    grad_kl: Tensor,
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    rng_state: Tensor,
+    with_kl: bool = False,
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Returns the flat gradients of :func:`sample` with respect to the means and log-variances."""
+
+    dtype, device = _group_like(means)
+    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
+    grad_theta = grad_theta.to(_compute_dtype(dtype))
+    eps = _noise(rng_state, tuple(grad_theta.shape), _compute_dtype(dtype), device).to(dtype)
+
+    if grad_theta.dim() == 2:
+        grad_mu = grad_theta.sum(dim=0)
+        grad_sigma = (grad_theta * eps).sum(dim=0)
+    else:
+        grad_mu, grad_sigma = grad_theta, grad_theta * eps
+
+    sigma = softclip(logvar).div(2).exp()
+    grad_logvar = softclip_grad(logvar) * 0.5 * sigma * grad_sigma
+
+    if with_kl:
+        kl_mu, kl_logvar = kl_backward(grad_kl, means, logvars, prior_var, prior_vars, prior_means)
+        grad_mu, grad_logvar = grad_mu + kl_mu, grad_logvar + kl_logvar
+
+    return grad_mu.to(dtype), grad_logvar.to(dtype)
+
+
+def kl(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+) -> Tensor:
+    r"""Returns :math:`\mathrm{KL}(\mathcal{N}(\mu, \sigma^2) \,\|\, \mathcal{N}(m, v))` summed over a group."""
+
+    dtype, device = _group_like(means)
+    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
+    prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
+
+    lv = softclip(logvar)
+    # Summed in fp64, as the kernels do, so that the twins agree to rounding.
+    terms = 0.5 * (lv.exp() / var + (mu - prior_mean).square() / var + _log(var) - lv - 1)
+
+    return terms.double().sum().to(dtype)
+
+
+def kl_backward(
+    grad_kl: Tensor,
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Returns the flat gradients of :func:`kl` with respect to the means and log-variances."""
+
+    dtype, device = _group_like(means)
+    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
+    prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
+    g = grad_kl.to(dtype)
+
+    grad_mu = g * (mu - prior_mean) / var
+    grad_logvar = g * softclip_grad(logvar) * 0.5 * (softclip(logvar).exp() / var - 1)
+
+    return grad_mu, grad_logvar
+
+
+def variance(logvars: Sequence[Tensor]) -> Tensor:
+    r"""Returns the flat variances :math:`\exp(\mathrm{softclip}(\log \sigma^2))` of a group."""
+
+    return softclip(_flat(logvars)).exp()
