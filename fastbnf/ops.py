@@ -141,7 +141,17 @@ def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
     lead = flat.shape[:-1]
     pieces = flat.split_with_sizes([t.numel() for t in like], dim=-1)
-    return [piece.view(*lead, *t.shape) for piece, t in zip(pieces, like, strict=True)]
+    return [piece.view((*lead, *t.shape)) for piece, t in zip(pieces, like, strict=True)]
+
+
+def _no_grads(inputs) -> tuple:
+    r"""The gradients of non-differentiable inputs, shaped as autograd expects them: one
+    :py:`None` per tensor of a list of tensors, one per anything else."""
+
+    return tuple(
+        [None] * len(x) if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor) else None
+        for x in inputs
+    )
 
 
 def _setup_sample(ctx, inputs, output):
@@ -149,6 +159,7 @@ def _setup_sample(ctx, inputs, output):
     ctx.options = (with_kl, prior_var, prior_vars, prior_means)
     ctx.save_for_backward(*means, *logvars, output[2])
     ctx.count = len(means)
+    ctx.no_grads = _no_grads(inputs[2:])
 
 
 def _sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
@@ -158,7 +169,7 @@ def _sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
     grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward(
         grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
     )
-    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *(None,) * 7
+    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
 
 
 _sample_op.register_autograd(_sample_autograd, setup_context=_setup_sample)
@@ -169,13 +180,14 @@ def _setup_kl(ctx, inputs, output):
     ctx.options = tuple(options)
     ctx.save_for_backward(*means, *logvars)
     ctx.count = len(means)
+    ctx.no_grads = _no_grads(options)
 
 
 def _kl_autograd(ctx, grad_kl):
     saved = ctx.saved_tensors
     means, logvars = saved[: ctx.count], saved[ctx.count :]
     grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward(grad_kl, means, logvars, *ctx.options)
-    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), None, None, None
+    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
 
 
 _kl_op.register_autograd(_kl_autograd, setup_context=_setup_kl)
