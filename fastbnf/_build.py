@@ -16,7 +16,7 @@ CSRC = ROOT / "csrc"
 
 # -ffast-math lets GCC vectorize logf/sinf/cosf through libmvec. It goes in the compile flags
 # only: a shared object *linked* with it sets flush-to-zero for the whole process on load.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd"]
+CXX_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd"]
 
 
 def _cuda_module():
