@@ -32,7 +32,7 @@ def load_extension() -> bool:
     try:
         importlib.import_module("fastbnf._C")
         return True
-    except ImportError as error:
+    except Exception as error:  # noqa: BLE001 (a broken build must never break the import)
         reason = error
 
     if os.environ.get("FASTBNF_JIT") == "1":
