@@ -16,7 +16,8 @@ from numbers import Real
 from torch import Tensor
 from typing import Any
 
-from . import ops
+from . import checkpointing, ops
+from . import predict as _predict
 from .local_trick import is_trick_layer, local_linear, patched_forwards
 from .selection import Selected, select_parameters
 
@@ -260,6 +261,35 @@ class BayesianModel(nn.Module):
             name: view for group, views in samples for name, view in zip(group.names, views)
         }
 
+    def predict(
+        self, *args: Any, samples: int, chunk_size: int | None = None, **kwargs: Any
+    ) -> Any:
+        r"""Returns the base model's outputs under posterior samples, stacked.
+
+        The samples are drawn in one op call (:meth:`sample_params` with ``n=samples``) and
+        the base model is evaluated under all of them with :func:`torch.func.vmap`. The
+        outputs stay differentiable with respect to the posterior; wrap the call in
+        :func:`torch.no_grad` for inference.
+
+        Arguments:
+            args: The positional inputs of the base model.
+            samples: The number of posterior samples :math:`K`.
+            chunk_size: The number of samples evaluated at once, by default all of them.
+            kwargs: The keyword inputs of the base model.
+
+        Returns:
+            The outputs (tensors, or tuples / dicts of tensors) with a leading dim of size
+            :math:`K`.
+        """
+
+        # Both checked before anything is drawn.
+        samples = _predict.check_positive(samples, "samples")
+        chunk_size = _predict.check_positive(chunk_size, "chunk_size", optional=True)
+
+        params = self.sample_params(n=samples)
+
+        return _predict.predict(self.base, params, *args, chunk_size=chunk_size, **kwargs)
+
     def sample_model(self) -> nn.Module:
         r"""Returns a model sampled from the posterior.
 
@@ -335,7 +365,12 @@ class BayesianModel(nn.Module):
         self._active = True
 
         try:
-            with self._swapped(samples), self._trick(trick):
+            with (
+                self._swapped(samples),
+                self._trick(trick) as forwards,
+                # Lets activation checkpointing reinstall the samples for a recomputation.
+                checkpointing.installed(self, samples, forwards),
+            ):
                 yield (self.base, kl) if return_kl else self.base
         finally:
             self._active = False
@@ -368,9 +403,9 @@ class BayesianModel(nn.Module):
         return layers
 
     @contextmanager
-    def _trick(self, layers: dict[str, tuple[str, str]]) -> Iterator[None]:
+    def _trick(self, layers: dict[str, tuple[str, str]]) -> Iterator[dict[nn.Module, Callable]]:
         if not layers:
-            yield
+            yield {}
             return
 
         keys = [k for pair in layers.values() for k in pair if k in self.means]
@@ -403,7 +438,7 @@ class BayesianModel(nn.Module):
             )
 
         with patched_forwards(forwards):
-            yield
+            yield forwards
 
     def _local_forward(self, x, module, w_key, b_key, variances, eta) -> Tensor:
         if b_key is None:
