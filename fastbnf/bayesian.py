@@ -200,7 +200,7 @@ class BayesianModel(nn.Module):
         stream = self._stream()
 
         for group in self._get_groups(skip):
-            theta, kl, _ = ops.sample(
+            views, kl, _ = ops.sample(
                 group.means,
                 group.logvars,
                 n,
@@ -208,8 +208,9 @@ class BayesianModel(nn.Module):
                 with_kl,
                 *self._prior_args(group, prior_var, prior_mean),
                 stream,
+                split=True,
             )
-            samples.append((group, ops.unflatten(theta, group.means)))
+            samples.append((group, views))
 
             if with_kl:
                 total = kl if total is None else total + kl.to(total.device)

@@ -213,9 +213,34 @@ _variance_op.register_autograd(_variance_autograd, setup_context=_setup_variance
 # The eager path: the same implementations behind autograd.Functions.
 
 
+def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    r"""Views of a flat tensor shaped like a list of tensors, made in C++.
+
+    For untracked tensors only (inside an autograd.Function): the views it makes are narrows,
+    whose backward would be quadratic in the number of tensors (see :func:`unflatten`).
+    """
+
+    if flat.dim() == 1 and len(like) > 0:
+        return torch._C._nn.unflatten_dense_tensors(flat, list(like))
+    with torch.no_grad():
+        return unflatten(flat, like)
+
+
+def _flatten(grads: Sequence[Tensor], n: int | None) -> Tensor:
+    r"""The flat gradient of the samples from the gradients of their per-tensor views."""
+
+    if n is None:
+        return torch._C._nn.flatten_dense_tensors(list(grads))
+    return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
+
+
 class _Sample(torch.autograd.Function):
+    r"""The eager path of :func:`sample`. With ``split``, it returns the per-tensor views of the
+    samples as its own outputs: one autograd node per group instead of a split and one view
+    node per tensor, and their gradients are flattened in C++."""
+
     @staticmethod
-    def forward(ctx, options, *tensors):
+    def forward(ctx, options, split, *tensors):
         n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream = options
         count = len(tensors) // 2
         means, logvars = tensors[:count], tensors[count:]
@@ -225,15 +250,22 @@ class _Sample(torch.autograd.Function):
 
         ctx.options = (with_kl, prior_var, prior_vars, prior_means)
         ctx.count = count
+        ctx.split = split and count > 0
+        ctx.n = n
         ctx.save_for_backward(*tensors, rng_state)
         ctx.mark_non_differentiable(rng_state)
+
+        if ctx.split:
+            return *_views(theta, means), divergence, rng_state
         return theta, divergence, rng_state
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_theta, grad_kl, grad_rng):
+    def backward(ctx, *grads):
         *tensors, rng_state = ctx.saved_tensors
         means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+        *grad_samples, grad_kl, _ = grads
+        grad_theta = _flatten(grad_samples, ctx.n) if ctx.split else grad_samples[0]
 
         with torch.profiler.record_function("fastbnf::sample_backward"):
             grad_mu, grad_logvar = _run(
@@ -247,7 +279,7 @@ class _Sample(torch.autograd.Function):
                 *ctx.options,
             )
 
-        return None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
+        return None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
 
 
 class _KL(torch.autograd.Function):
@@ -275,7 +307,7 @@ class _KL(torch.autograd.Function):
                 "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
             )
 
-        return None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
+        return None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
 
 
 class _Variance(torch.autograd.Function):
@@ -306,7 +338,8 @@ def sample(
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
     stream: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
+    split: bool = False,
+) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:
     r"""Samples a group of parameters from their posterior, and optionally the KL.
 
     Arguments:
@@ -319,17 +352,22 @@ def sample(
         prior_vars: Per-tensor prior variances, overriding ``prior_var``.
         prior_means: Per-tensor prior means (by default zero).
         stream: An integer folded into the noise's key (the data-parallel rank).
+        split: Whether to return the samples as one view per tensor, shaped like it (with a
+            leading dim of size ``n``), rather than flat.
 
     Returns:
-        The flat samples, shape :math:`(N)` or :math:`(n, N)`, the KL divergence (zero unless
-        ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
+        The samples, flat with shape :math:`(N)` or :math:`(n, N)` or split, the KL divergence
+        (zero unless ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
     """
 
     options = (n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
 
     if torch.compiler.is_compiling():
-        return torch.ops.fastbnf.sample(list(means), list(logvars), *options)
-    return _Sample.apply(options, *means, *logvars)
+        theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
+        return (unflatten(theta, means) if split else theta), kl, rng_state
+
+    *theta, kl, rng_state = _Sample.apply(options, split, *means, *logvars)
+    return (theta if split else theta[0]), kl, rng_state
 
 
 def kl(
