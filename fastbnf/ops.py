@@ -95,31 +95,44 @@ def _flat_like(tensors: Sequence[Tensor], shape, dtype=None) -> Tensor:
     return tensors[0].new_empty(shape, dtype=dtype)
 
 
-@_sample_op.register_fake
-def _(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream):
+def _fake_sample(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream):
     shape = (_numel(means),) if n is None else (n, _numel(means))
     theta = _flat_like(means, shape, out_dtype)
     return theta, _flat_like(means, ()), _flat_like(means, (2,), torch.int64)
 
 
-@_sample_backward_op.register_fake
-def _(grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var, prior_vars, prior_means):
+def _fake_grads(means):
     return _flat_like(means, (_numel(means),)), _flat_like(means, (_numel(means),))
 
 
-@_kl_op.register_fake
-def _(means, logvars, prior_var, prior_vars, prior_means):
+def _fake_sample_backward(grad_theta, grad_kl, means, *args):
+    return _fake_grads(means)
+
+
+def _fake_kl_backward(grad_kl, means, *args):
+    return _fake_grads(means)
+
+
+def _fake_kl(means, logvars, prior_var, prior_vars, prior_means):
     return _flat_like(means, ())
 
 
-@_kl_backward_op.register_fake
-def _(grad_kl, means, logvars, prior_var, prior_vars, prior_means):
-    return _flat_like(means, (_numel(means),)), _flat_like(means, (_numel(means),))
-
-
-@_variance_op.register_fake
-def _(logvars):
+def _fake_variance(logvars):
     return _flat_like(logvars, (_numel(logvars),))
+
+
+_FAKES = {
+    "sample": _fake_sample,
+    "sample_backward": _fake_sample_backward,
+    "kl": _fake_kl,
+    "kl_backward": _fake_kl_backward,
+    "variance": _fake_variance,
+}
+
+# The kernel ops get the same fakes, so that opcheck can test them on their own.
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"fastbnf::{_name}", _fake)
+    torch.library.register_fake(f"fastbnf::{_name}{KERNEL_SUFFIX}", _fake, lib=_LIBRARY)
 
 
 # Autograd of the custom ops (the traced path).

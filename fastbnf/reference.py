@@ -185,7 +185,7 @@ def kl(
     # Summed in fp64, as the kernels do, so that the twins agree to rounding.
     terms = 0.5 * (lv.exp() / var + (mu - prior_mean).square() / var + _log(var) - lv - 1)
 
-    return terms.double().sum().to(dtype)
+    return terms.sum(dtype=torch.float64).to(dtype)
 
 
 def kl_backward(

@@ -10,7 +10,7 @@
 // disjoint streams whatever the size of the group.
 //
 // Normal transform: Box-Muller on the lane pairs (0, 1) and (2, 3):
-//   u1 = ((x0 >> 8) + 0.5) * 2^-24,  u2 = ((x1 >> 8) + 0.5) * 2^-24   (exact in float, in (0, 1))
+//   u1 = ((x0 >> 8) + 0.5) * 2^-24,  u2 = ((x1 >> 8) + 0.5) * 2^-24   (in float, in (0, 1])
 //   r = sqrt(-2 log u1),  lane 0 -> r cos(2 pi u2),  lane 1 -> r sin(2 pi u2)
 // and likewise lanes 2, 3 from x2, x3. All in float32; |epsilon| <= sqrt(2 * 24 log 2) ~ 5.8.
 #pragma once
@@ -68,7 +68,9 @@ FASTBNF_HD Philox4 philox_block(uint64_t block, uint64_t seed, uint64_t offset) 
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// Uniform in (0, 1) from the top 24 bits: exact in float, never 0 nor 1, so log is finite.
+// Uniform in (0, 1] from the top 24 bits, in float: k + 0.5 is exact for k < 2^23 and rounds to
+// even above, so the largest k gives 1.0 (a radius of 0, harmless). Never 0, so log is finite.
+// Twins of this stream (the tests' NumPy Philox) must round the same way.
 FASTBNF_HD float uniform24(uint32_t x) {
   return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
 }

@@ -1,0 +1,34 @@
+// The CPU kernel ops (signatures: csrc/README.md), registered by register_cpu.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastbnf {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
+    at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
+    std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
+    std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means,
+    int64_t stream);
+
+std::tuple<at::Tensor, at::Tensor> sample_backward_kernel(
+    const at::Tensor& grad_theta, const at::Tensor& grad_kl, at::TensorList means,
+    at::TensorList logvars, const at::Tensor& rng_state, bool with_kl, double prior_var,
+    std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means);
+
+at::Tensor kl_kernel(at::TensorList means, at::TensorList logvars, double prior_var,
+                     std::optional<at::ArrayRef<double>> prior_vars,
+                     std::optional<at::TensorList> prior_means);
+
+std::tuple<at::Tensor, at::Tensor> kl_backward_kernel(
+    const at::Tensor& grad_kl, at::TensorList means, at::TensorList logvars, double prior_var,
+    std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means);
+
+at::Tensor variance_kernel(at::TensorList logvars);
+
+}  // namespace cpu
+}  // namespace fastbnf

@@ -1,0 +1,14 @@
+// Registers the CPU implementations of the kernel ops. The schemas are declared in Python
+// (fastbnf/_schemas.py), so that the ops exist without the extension; the dispatcher accepts
+// an implementation registered before its schema.
+#include <torch/library.h>
+
+#include "fused_ops.h"
+
+TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
+  m.impl("sample_kernel", &fastbnf::cpu::sample_kernel);
+  m.impl("sample_backward_kernel", &fastbnf::cpu::sample_backward_kernel);
+  m.impl("kl_kernel", &fastbnf::cpu::kl_kernel);
+  m.impl("kl_backward_kernel", &fastbnf::cpu::kl_backward_kernel);
+  m.impl("variance_kernel", &fastbnf::cpu::variance_kernel);
+}
