@@ -28,7 +28,10 @@ def _extensions() -> tuple[list, dict]:
 
     build = _load_build()
     cuda = build.with_cuda()
-    extension = (CUDAExtension if cuda else CppExtension)("fastbnf._C", **build.extension_kwargs(cuda))
+    kwargs = build.extension_kwargs(cuda)
+    # setuptools wants sources relative to setup.py.
+    kwargs["sources"] = [os.path.relpath(s, build.ROOT) for s in kwargs["sources"]]
+    extension = (CUDAExtension if cuda else CppExtension)("fastbnf._C", **kwargs)
 
     return [extension], {"build_ext": BuildExtension}
 
