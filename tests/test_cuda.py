@@ -20,6 +20,7 @@ import fastbnf
 
 from fastbnf import reference
 from fastbnf._backend import has_kernel
+from philox_twin import numpy_normals as _normals
 
 _CUDA = torch.cuda.is_available()
 
@@ -62,54 +63,11 @@ def softclip64(x):
     return x / torch.sqrt(1 + (x / 18.0) ** 2)
 
 
-# --------------------------------------------------------------------------------------------
-# A NumPy Philox4x32-10 and the Box-Muller transform of csrc/common/philox.h.
-
-_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-_MASK = np.uint64(0xFFFFFFFF)
-
-
-def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    c = [np.asarray(x, dtype=np.uint64) & _MASK for x in (c0, c1, c2, c3)]
-    k0, k1 = int(k0) & 0xFFFFFFFF, int(k1) & 0xFFFFFFFF
-    for _ in range(10):
-        p0 = _M0 * c[0]
-        p1 = _M1 * c[2]
-        c = [
-            (p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0),
-            p1 & _MASK,
-            (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1),
-            p0 & _MASK,
-        ]
-        k0 = (k0 + 0x9E3779B9) & 0xFFFFFFFF
-        k1 = (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    return [x.astype(np.uint32) for x in c]
-
-
 def numpy_normals(rng_state, j):
     r"""The normal of every flat sample index in ``j`` under ``rng_state``, in float64."""
 
-    seed, offset = (int(x) & (2**64 - 1) for x in rng_state.tolist())
-    j = np.asarray(j, dtype=np.uint64)
-    block, lane = j >> np.uint64(2), (j & np.uint64(3)).astype(np.int64)
-    x = philox4x32_10(
-        block & _MASK,
-        block >> np.uint64(32),
-        np.full_like(block, offset & 0xFFFFFFFF),
-        np.full_like(block, offset >> 32),
-        seed & 0xFFFFFFFF,
-        seed >> 32,
-    )
-    x = np.stack(x, axis=-1)
-    rows = np.arange(len(j))
-    a = x[rows, lane & ~1]
-    b = x[rows, lane | 1]
-    u1 = ((a >> 8).astype(np.float64) + 0.5) * 2.0**-24
-    u2 = ((b >> 8).astype(np.float64) + 0.5) * 2.0**-24
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = (np.float32(6.28318530717958647692) * u2.astype(np.float32)).astype(np.float64)
-    normals = np.where(lane % 2 == 0, radius * np.cos(angle), radius * np.sin(angle))
-    return torch.from_numpy(normals)
+    seed, offset = rng_state.tolist()
+    return torch.from_numpy(_normals(seed, offset, j))
 
 
 def expected_eps(rng_state, n_samples, numel):
