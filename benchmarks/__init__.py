@@ -1,0 +1,1 @@
+r"""pytest-benchmark suites comparing fastbnf with zuko.bayesian, and their report."""

@@ -1,0 +1,159 @@
+r"""Full training steps (forward + loss + backward + Adam), with the plain base model beside.
+
+The Bayesian overhead of a contender is its step time minus the ``plain`` step (the same
+model, unwrapped, all parameters trained); the report gives it as a share of the step.
+"""
+
+import math
+
+import torch
+import zuko
+from torch import nn
+
+from ._harness import (
+    bayesian_contenders,
+    devices,
+    info,
+    numel,
+    peak_cuda_bytes,
+    require_backend,
+    run,
+    split_contender,
+    sync,
+    tutorial_mlp,
+    wrap,
+)
+
+
+def two_moons(n: int, sigma: float = 1e-1) -> tuple[torch.Tensor, torch.Tensor]:
+    theta = 2 * torch.pi * torch.rand(n)
+    label = (theta > torch.pi).float()
+    x = torch.stack(
+        (torch.cos(theta) + label - 1 / 2, torch.sin(theta) + label / 2 - 1 / 4), dim=-1
+    )
+    return torch.normal(x, sigma), label
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return x + torch.relu(self.norm(self.lin(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def sorting(device, quick):
+    x = torch.randn(64, 5, device=device)
+    y = torch.sort(x, dim=-1).values
+    return tutorial_mlp(device), ("",), (lambda m: (m(x) - y).square().mean())
+
+
+def moons(device, quick):
+    x, label = two_moons(64)
+    x, c = x.to(device), label.unsqueeze(-1).to(device)
+    flow = zuko.flows.NSF(features=2, context=1, transforms=3, hidden_features=(64, 64))
+    return flow.to(device), ("**.hyper.4",), (lambda m: -m(c).log_prob(x).mean())
+
+
+def partial_stack(device, quick):
+    r"""8 residual blocks of width 1024 (8.4M parameters); the last two Linear are Bayesian."""
+
+    width = 128 if quick else 1024
+    x = torch.randn(64, width, device=device)
+    y = torch.randn(64, width, device=device)
+    model = Stack(width, 8).to(device)
+    return model, ("blocks.6.lin", "blocks.7.lin"), (lambda m: (m(x) - y).square().mean())
+
+
+CASES = {"sorting-mlp": sorting, "two-moons-nsf": moons, "partial-stack-8M": partial_stack}
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    params, ids = [], []
+    for device in devices():
+        for case in CASES:
+            for contender in ["plain", *bayesian_contenders(device)]:
+                params.append((device, case, contender))
+                ids.append(f"{case}-{device}-{contender}")
+    metafunc.parametrize("device,case,contender", params, ids=ids)
+
+
+def test_train(benchmark, quick, monkeypatch, device, case, contender):
+    backend, fused = split_contender(contender)
+    if backend in ("torch", "cpp", "cuda"):
+        require_backend(backend, device, monkeypatch)
+
+    base, include, objective = CASES[case](device, quick)
+    done = sync(device)
+
+    if contender == "plain":
+        model = base
+        bayesian = numel(base)
+    else:
+        model = wrap(backend, base, include)
+        bayesian = sum(m.numel() for m in model.means.values())
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    if contender == "plain":
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            objective(model).backward()
+            optimizer.step()
+            done()
+
+    elif fused:
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with model.reparameterize(return_kl=True) as (m, kl):
+                loss = objective(m) + 1e-6 * kl
+                loss.backward()
+            optimizer.step()
+            done()
+
+    else:
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            kl = model.kl_divergence()
+            with model.reparameterize() as m:
+                loss = objective(m) + 1e-6 * kl
+                loss.backward()
+            optimizer.step()
+            done()
+
+    benchmark.group = f"train/{case}/{device}"
+    info(
+        benchmark,
+        kind="train",
+        contender=contender,
+        case=case,
+        device=device,
+        size=numel(base),
+        bayesian_size=bayesian,
+        tensors=sum(1 for _ in base.parameters()),
+        style="fused" if fused else ("seed" if contender != "plain" else None),
+    )
+
+    run(benchmark, step, quick, budget_s=0.7)
+    assert all(math.isfinite(p.float().sum().item()) for p in model.parameters())
+
+    if device == "cuda":
+        info(benchmark, peak_bytes=peak_cuda_bytes(step))
