@@ -81,7 +81,7 @@ def train(bayes_flow, epochs: int) -> None:
 
         for step, (x, label) in enumerate(trainloader, 1):
             losses.append(train_step(bayes_flow, optimizer, x, label))
-            if step % 16 == 0 or step == len(trainloader):
+            if sys.stderr.isatty() and (step % 16 == 0 or step == len(trainloader)):
                 progress(epoch, step, len(trainloader), losses[-1].item())
 
         losses = torch.stack(losses)
