@@ -35,13 +35,15 @@ _STREAM_MIX = 0x9E3779B97F4A7C15
 def softclip(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
     r"""Returns :math:`x / \sqrt{1 + (x / b)^2}`, a smooth clip of :math:`x` to :math:`(-b, b)`."""
 
-    return x * (1 + (x / bound).square()).rsqrt()
+    # In place after the first op: group-sized temporaries are fresh pages, which cost more
+    # than the arithmetic. The order of the operations (and so the rounding) is unchanged.
+    return (x / bound).square_().add_(1).rsqrt_().mul_(x)
 
 
 def softclip_grad(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
     r"""Returns the derivative of :func:`softclip`, :math:`(1 + (x / b)^2)^{-3/2}`."""
 
-    return (1 + (x / bound).square()).rsqrt().pow(3)
+    return (x / bound).square_().add_(1).rsqrt_().pow_(3)
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -123,7 +125,7 @@ def sample(
     rng_state = torch.tensor([_key(stream), 0], dtype=torch.int64, device=device)
     eps = _noise(rng_state, shape, _compute_dtype(dtype), device)
 
-    sigma = softclip(logvar).div(2).exp()
+    sigma = softclip(logvar).div_(2).exp_()
     theta = torch.addcmul(mu, sigma, eps).to(out_dtype or dtype)
 
     if with_kl:
@@ -154,16 +156,16 @@ def sample_backward(
 
     if grad_theta.dim() == 2:
         grad_mu = grad_theta.sum(dim=0)
-        grad_sigma = (grad_theta * eps).sum(dim=0)
+        grad_sigma = eps.mul_(grad_theta).sum(dim=0)
     else:
-        grad_mu, grad_sigma = grad_theta, grad_theta * eps
+        grad_mu, grad_sigma = grad_theta, eps.mul_(grad_theta)
 
-    sigma = softclip(logvar).div(2).exp()
-    grad_logvar = softclip_grad(logvar) * 0.5 * sigma * grad_sigma
+    sigma = softclip(logvar).div_(2).exp_()
+    grad_logvar = softclip_grad(logvar).mul_(0.5).mul_(sigma).mul_(grad_sigma)
 
     if with_kl:
         kl_mu, kl_logvar = kl_backward(grad_kl, means, logvars, prior_var, prior_vars, prior_means)
-        grad_mu, grad_logvar = grad_mu + kl_mu, grad_logvar + kl_logvar
+        grad_mu, grad_logvar = kl_mu.add_(grad_mu), grad_logvar.add_(kl_logvar)
 
     return grad_mu.to(dtype), grad_logvar.to(dtype)
 
@@ -182,9 +184,11 @@ def kl(
     prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
 
     lv = softclip(logvar)
-    # Summed in fp64, as the kernels do, so that the twins agree to rounding.
-    terms = 0.5 * (lv.exp() / var + (mu - prior_mean).square() / var + _log(var) - lv - 1)
+    # 0.5 * (exp(lv) / v + (mu - m)^2 / v + log(v) - lv - 1), in place, in that order.
+    terms = lv.exp().div_(var).add_((mu - prior_mean).square_().div_(var))
+    terms = terms.add_(_log(var)).sub_(lv).sub_(1).mul_(0.5)
 
+    # Summed in fp64, as the kernels do, so that the twins agree to rounding.
     return terms.sum(dtype=torch.float64).to(dtype)
 
 
@@ -203,8 +207,9 @@ def kl_backward(
     prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
     g = grad_kl.to(dtype)
 
-    grad_mu = g * (mu - prior_mean) / var
-    grad_logvar = g * softclip_grad(logvar) * 0.5 * (softclip(logvar).exp() / var - 1)
+    grad_mu = (mu - prior_mean).mul_(g).div_(var)
+    grad_logvar = softclip_grad(logvar).mul_(g).mul_(0.5)
+    grad_logvar = grad_logvar.mul_(softclip(logvar).exp_().div_(var).sub_(1))
 
     return grad_mu, grad_logvar
 
@@ -212,4 +217,4 @@ def kl_backward(
 def variance(logvars: Sequence[Tensor]) -> Tensor:
     r"""Returns the flat variances :math:`\exp(\mathrm{softclip}(\log \sigma^2))` of a group."""
 
-    return softclip(_flat(logvars)).exp()
+    return softclip(_flat(logvars)).exp_()
