@@ -1,11 +1,9 @@
 r"""Predictions under K = 32 posterior samples: ``bm.predict(x, samples=32)`` (vmap) against a
 Python loop over ``sample_model()`` (zuko's only way), without gradients."""
 
-import pytest
 import torch
 from torch import nn
 
-import fastbnf
 
 from ._harness import (
     devices,
@@ -54,8 +52,6 @@ def pytest_generate_tests(metafunc):
 
 def test_predict(benchmark, quick, monkeypatch, device, case, contender):
     backend, _, how = contender.partition("-")
-    if how == "predict" and not hasattr(fastbnf.BayesianModel, "predict"):
-        pytest.skip("fastbnf.BayesianModel.predict is not implemented yet")
     if backend != "zuko":
         require_backend(backend, device, monkeypatch)
 

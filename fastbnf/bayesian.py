@@ -19,7 +19,7 @@ from typing import Any
 from . import checkpointing, ops
 from . import predict as _predict
 from .local_trick import is_trick_layer, local_linear, patched_forwards
-from .selection import Selected, select_parameters
+from .selection import select_parameters
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

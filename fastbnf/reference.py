@@ -150,7 +150,7 @@ def sample_backward(
     r"""Returns the flat gradients of :func:`sample` with respect to the means and log-variances."""
 
     dtype, device = _group_like(means)
-    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
+    logvar = _flat(logvars).to(device)
     grad_theta = grad_theta.to(_compute_dtype(dtype))
     eps = _noise(rng_state, tuple(grad_theta.shape), _compute_dtype(dtype), device).to(dtype)
 

@@ -1,8 +1,11 @@
 r"""Data-parallel training: DistributedDataParallel(bm) over two gloo processes."""
 
+import datetime
 import multiprocessing
 import os
 import pytest
+import sys
+import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,75 +36,98 @@ def loss_fn(module, x, y):
 
 
 def worker(rank: int, init_file: str, backend: str) -> None:
+    try:
+        train(rank, init_file, backend)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+    # Leave without tearing the process group down: gloo's destructor can deadlock at exit
+    # (seen on the 2-core development machine), and both ranks are done (barrier in train).
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def train(rank: int, init_file: str, backend: str) -> None:
     if backend:
         os.environ["FASTBNF_BACKEND"] = backend
     else:
         os.environ.pop("FASTBNF_BACKEND", None)
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # A failed assertion on one rank must not leave the other waiting in a collective for
+    # gloo's default 30 minutes.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
-    try:
-        # The same seed on every rank: same model, and (without rank folding) the same noise.
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
-        bm = fastbnf.BayesianModel(net, init_logvar=-4.0)
-        ddp = nn.parallel.DistributedDataParallel(bm)
-        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    # The same seed on every rank: same model, and (without rank folding) the same noise.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    bm = fastbnf.BayesianModel(net, init_logvar=-4.0)
+    ddp = nn.parallel.DistributedDataParallel(bm)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
 
-        # Each rank its own data.
-        data = torch.Generator().manual_seed(100 + rank)
+    # Each rank its own data.
+    data = torch.Generator().manual_seed(100 + rank)
 
-        for step in range(STEPS):
-            x = torch.randn(8, 4, generator=data)
-            y = x[:, :2].sin()
+    for step in range(STEPS):
+        x = torch.randn(8, 4, generator=data)
+        y = x[:, :2].sin()
 
-            # Per-rank gradient without synchronization, then the same step synchronized.
-            with torch.random.fork_rng():
-                torch.manual_seed(step)
-                with ddp.no_sync():
-                    loss = ddp(loss_fn, x, y) + 1e-3 * bm.kl_divergence()
-                    loss.backward()
-                local = flat_grads(bm)
-                optimizer.zero_grad()
-
-                torch.manual_seed(step)
+        # Per-rank gradient without synchronization, then the same step synchronized.
+        with torch.random.fork_rng():
+            torch.manual_seed(step)
+            with ddp.no_sync():
                 loss = ddp(loss_fn, x, y) + 1e-3 * bm.kl_divergence()
                 loss.backward()
-                synced = flat_grads(bm)
-
-            # DDP averages: the synchronized gradient is the mean of the per-rank ones.
-            locals_ = gather(local)
-            assert not torch.allclose(locals_[0], locals_[1])
-            torch.testing.assert_close(synced, sum(locals_) / WORLD, rtol=1e-5, atol=1e-7)
-            # Every rank holds the same synchronized gradient, bit for bit.
-            synceds = gather(synced)
-            assert torch.equal(synceds[0], synceds[1])
-
-            optimizer.step()
+            local = flat_grads(bm)
             optimizer.zero_grad()
 
-        # After training the replicas are bitwise identical.
-        params = torch.cat([p.detach().reshape(-1) for p in bm.parameters()])
-        everyone = gather(params)
-        assert torch.equal(everyone[0], everyone[1])
-        assert not torch.equal(bm.means["0-weight"], net[0].weight)  # it did train
+            torch.manual_seed(step)
+            loss = ddp(loss_fn, x, y) + 1e-3 * bm.kl_divergence()
+            loss.backward()
+            synced = flat_grads(bm)
 
-        # Same seed, different ranks: different noise (the rank is folded into the key).
-        torch.manual_seed(7)
-        eps = {k: (v - bm.means[k.replace(".", "-")]) for k, v in bm.sample_params().items()}
-        flat_eps = torch.cat([e.detach().reshape(-1) for e in eps.values()])
-        drawn = gather(flat_eps)
-        assert not torch.allclose(drawn[0], drawn[1])
+        # DDP averages: the synchronized gradient is the mean of the per-rank ones.
+        locals_ = gather(local)
+        assert not torch.allclose(locals_[0], locals_[1])
+        torch.testing.assert_close(synced, sum(locals_) / WORLD, rtol=1e-5, atol=1e-7)
+        # Every rank holds the same synchronized gradient, bit for bit.
+        synceds = gather(synced)
+        assert torch.equal(synceds[0], synceds[1])
 
-        # With fold_rank=False the ranks draw alike.
-        bm.fold_rank = False
-        torch.manual_seed(7)
-        same = torch.cat([v.detach().reshape(-1) for v in bm.sample_params().values()])
-        drawn = gather(same)
-        assert torch.equal(drawn[0], drawn[1])
-    finally:
-        dist.destroy_process_group()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    # After training the replicas are bitwise identical.
+    params = torch.cat([p.detach().reshape(-1) for p in bm.parameters()])
+    everyone = gather(params)
+    assert torch.equal(everyone[0], everyone[1])
+    assert not torch.equal(bm.means["0-weight"], net[0].weight)  # it did train
+
+    # Same seed, different ranks: different noise (the rank is folded into the key).
+    torch.manual_seed(7)
+    eps = {k: (v - bm.means[k.replace(".", "-")]) for k, v in bm.sample_params().items()}
+    flat_eps = torch.cat([e.detach().reshape(-1) for e in eps.values()])
+    drawn = gather(flat_eps)
+    assert not torch.allclose(drawn[0], drawn[1])
+
+    # With fold_rank=False the ranks draw alike.
+    bm.fold_rank = False
+    torch.manual_seed(7)
+    same = torch.cat([v.detach().reshape(-1) for v in bm.sample_params().values()])
+    drawn = gather(same)
+    assert torch.equal(drawn[0], drawn[1])
+
+    dist.barrier()
 
 
 # A spawned process imports torch again, and DistributedDataParallel imports torch._dynamo on
@@ -117,4 +143,12 @@ def test_ddp_two_ranks(tmp_path: Path, backend: str):
         multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "fastbnf"])
 
     args = (str(tmp_path / "init"), backend)
-    mp.start_processes(worker, args=args, nprocs=WORLD, join=True, start_method=START)
+    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method=START)
+    deadline = time.monotonic() + 120
+
+    # join raises if a rank failed; a hung rank fails the test instead of the whole run.
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish within 120 s")
