@@ -111,12 +111,15 @@ class BayesianModel(nn.Module):
 
         self._selected = [(s.key, s.name, s.places) for s in selected]
         self._groups = {}
+        self._trick_cache = None
         self._active = False
 
-    # Groups are cached while the parameters stay the same objects on the same devices.
+    # Groups (and the local trick's plan) are cached while the parameters stay the same objects
+    # on the same devices: building them walks every parameter or module, once, not every step.
 
     def _invalidate(self) -> None:
         self._groups = {}
+        self._trick_cache = None
 
     def _apply(self, fn, recurse=True):
         self._invalidate()
@@ -125,6 +128,7 @@ class BayesianModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_groups"] = {}
+        state["_trick_cache"] = None
         state["_active"] = False
         return state
 
@@ -354,21 +358,20 @@ class BayesianModel(nn.Module):
 
         self._check_prior(prior_var, prior_mean)
 
-        trick = self._trick_layers() if local_trick else {}
-        skip = frozenset(k for keys in trick.values() for k in keys if k in self.means)
+        layers, skip, others = self._trick_plan() if local_trick else ({}, frozenset(), None)
         samples, kl = self._sample_groups(
             with_kl=return_kl, prior_var=prior_var, prior_mean=prior_mean, skip=skip
         )
 
         if return_kl and skip:
-            kl = self._kl_of(skip, prior_var, prior_mean, kl)
+            kl = self._kl(self._get_groups(others), prior_var, prior_mean, kl)
 
         self._active = True
 
         try:
             with (
                 self._swapped(samples),
-                self._trick(trick) as forwards,
+                self._trick(layers, others) as forwards,
                 # Lets activation checkpointing reinstall the samples for a recomputation.
                 checkpointing.installed(self, samples, forwards),
             ):
@@ -393,50 +396,57 @@ class BayesianModel(nn.Module):
 
     # The local reparameterization trick.
 
-    def _trick_layers(self) -> dict[str, tuple[str, str]]:
-        layers = {}
+    def _trick_plan(self) -> tuple[dict, frozenset[str], frozenset[str]]:
+        r"""Returns the trick's layers, with their weight and Bayesian bias keys, the keys the
+        trick replaces, and the other keys."""
 
-        for name, module in self.base.named_modules():
-            prefix = name.replace(".", "-") + "-" if name else ""
-            if is_trick_layer(module) and prefix + "weight" in self.means:
-                layers[name] = (prefix + "weight", prefix + "bias")
+        if self._trick_cache is None:
+            layers = {}
 
-        return layers
+            for name, module in self.base.named_modules():
+                prefix = name.replace(".", "-") + "-" if name else ""
+                if is_trick_layer(module) and prefix + "weight" in self.means:
+                    bias = prefix + "bias" if prefix + "bias" in self.means else None
+                    layers[module] = (prefix + "weight", bias)
+
+            keys = frozenset(k for pair in layers.values() for k in pair if k is not None)
+            self._trick_cache = (layers, keys, frozenset(self.means.keys()) - keys)
+
+        return self._trick_cache
 
     @contextmanager
-    def _trick(self, layers: dict[str, tuple[str, str]]) -> Iterator[dict[nn.Module, Callable]]:
+    def _trick(
+        self, layers: dict[nn.Module, tuple[str, str | None]], others: frozenset[str] | None
+    ) -> Iterator[dict[nn.Module, Callable]]:
         if not layers:
             yield {}
             return
 
-        keys = [k for pair in layers.values() for k in pair if k in self.means]
         variances = {}
 
         # One variance op per group of the trick's tensors.
-        for group in self._get_groups(frozenset(self.means.keys()) - frozenset(keys)):
+        for group in self._get_groups(others):
             views = ops.unflatten(ops.variance(group.logvars), group.logvars)
             variances.update(zip(group.keys, views))
 
-        noises: dict[tuple[str, torch.Size], Tensor] = {}
+        noises: dict[tuple[nn.Module, torch.Size], Tensor] = {}
 
-        def eta(name, shape, dtype, device):
-            if (name, shape) not in noises:
-                noises[name, shape] = torch.randn(shape, dtype=dtype, device=device)
-            return noises[name, shape]
+        def eta(module, shape, dtype, device):
+            if (module, shape) not in noises:
+                noises[module, shape] = torch.randn(shape, dtype=dtype, device=device)
+            return noises[module, shape]
 
-        forwards = {}
-
-        for name, (w_key, b_key) in layers.items():
-            module = self.base.get_submodule(name)
-            bayesian_bias = b_key in self.means
-            forwards[module] = partial(
+        forwards = {
+            module: partial(
                 self._local_forward,
                 module=module,
                 w_key=w_key,
-                b_key=b_key if bayesian_bias else None,
+                b_key=b_key,
                 variances=variances,
-                eta=partial(eta, name),
+                eta=partial(eta, module),
             )
+            for module, (w_key, b_key) in layers.items()
+        }
 
         with patched_forwards(forwards):
             yield forwards
@@ -451,16 +461,14 @@ class BayesianModel(nn.Module):
 
     # The KL divergence.
 
-    def _kl_of(
+    def _kl(
         self,
-        keys: frozenset[str],
+        groups: list[_Group],
         prior_var: Any,
         prior_mean: Any,
         total: Tensor | None = None,
     ) -> Tensor:
-        skip = frozenset(self.means.keys()) - keys
-
-        for group in self._get_groups(skip):
+        for group in groups:
             kl = ops.kl(group.means, group.logvars, *self._prior_args(group, prior_var, prior_mean))
             total = kl if total is None else total + kl.to(total.device)
 
@@ -485,7 +493,7 @@ class BayesianModel(nn.Module):
 
         self._check_prior(prior_var, prior_mean)
 
-        return self._kl_of(frozenset(self.means.keys()), prior_var, prior_mean)
+        return self._kl(self._get_groups(), prior_var, prior_mean)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False

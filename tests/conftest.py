@@ -2,7 +2,6 @@ r"""Shared fixtures: the backends to test on, and the kernel requirement of CI."
 
 import os
 import pytest
-import torch
 
 from fastbnf._backend import has_kernel
 
@@ -20,10 +19,6 @@ def pytest_configure(config):
 
 def cpu_backends() -> list[str]:
     return ["torch", "cpp"] if has_kernel("cpu") else ["torch"]
-
-
-requires_kernel = pytest.mark.skipif(not has_kernel("cpu"), reason="CPU kernel not built")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
 @pytest.fixture(params=cpu_backends())
