@@ -113,6 +113,7 @@ class BayesianModel(nn.Module):
         self._groups = {}
         self._trick_cache = None
         self._active = False
+        self._links = None
 
     # Groups (and the local trick's plan) are cached while the parameters stay the same objects
     # on the same devices: building them walks every parameter or module, once, not every step.
@@ -120,6 +121,7 @@ class BayesianModel(nn.Module):
     def _invalidate(self) -> None:
         self._groups = {}
         self._trick_cache = None
+        self._links = None
 
     def _apply(self, fn, recurse=True):
         self._invalidate()
@@ -130,6 +132,7 @@ class BayesianModel(nn.Module):
         state["_groups"] = {}
         state["_trick_cache"] = None
         state["_active"] = False
+        state["_links"] = None
         return state
 
     def _get_groups(self, skip: frozenset[str] = frozenset()) -> list[_Group]:
@@ -202,8 +205,14 @@ class BayesianModel(nn.Module):
 
         samples, total = [], None
         stream = self._stream()
+        groups = self._get_groups(skip)
 
-        for group in self._get_groups(skip):
+        # The links of the last kl_divergence(), taken by the first sample after it.
+        links = self._links if not (with_kl or skip) else None
+        if links is not None:
+            self._links = None
+
+        for i, group in enumerate(groups):
             views, kl, _ = ops.sample(
                 group.means,
                 group.logvars,
@@ -213,6 +222,7 @@ class BayesianModel(nn.Module):
                 *self._prior_args(group, prior_var, prior_mean),
                 stream,
                 split=True,
+                link=None if links is None else links[i],
             )
             samples.append((group, views))
 
@@ -467,9 +477,15 @@ class BayesianModel(nn.Module):
         prior_var: Any,
         prior_mean: Any,
         total: Tensor | None = None,
+        links: list[ops.Link] | None = None,
     ) -> Tensor:
-        for group in groups:
-            kl = ops.kl(group.means, group.logvars, *self._prior_args(group, prior_var, prior_mean))
+        for i, group in enumerate(groups):
+            kl = ops.kl(
+                group.means,
+                group.logvars,
+                *self._prior_args(group, prior_var, prior_mean),
+                link=None if links is None else links[i],
+            )
             total = kl if total is None else total + kl.to(total.device)
 
         return total
@@ -493,7 +509,15 @@ class BayesianModel(nn.Module):
 
         self._check_prior(prior_var, prior_mean)
 
-        return self._kl(self._get_groups(), prior_var, prior_mean)
+        # The next sample of the same groups shares this KL's backward (ops.Link): the
+        # seed-style step then costs what reparameterize(return_kl=True) does.
+        groups = self._get_groups()
+        links = None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            links = [ops.Link() for _ in groups]
+        self._links = links
+
+        return self._kl(groups, prior_var, prior_mean, links=links)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False

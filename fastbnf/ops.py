@@ -13,6 +13,7 @@ call, as much as a whole step of a small model. Either way every call shows in
 """
 
 __all__ = [
+    "Link",
     "kl",
     "sample",
     "unflatten",
@@ -253,8 +254,10 @@ class _Sample(torch.autograd.Function):
     node per tensor, and their gradients are flattened in C++."""
 
     @staticmethod
-    def forward(ctx, options, split, *tensors):
+    def forward(ctx, options, split, link, *tensors):
         n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream = options
+        if link is not None:
+            *tensors, _ = tensors  # the link's token, an input only for its graph edge
         count = len(tensors) // 2
         means, logvars = tensors[:count], tensors[count:]
 
@@ -265,6 +268,7 @@ class _Sample(torch.autograd.Function):
         ctx.count = count
         ctx.split = split and count > 0
         ctx.n = n
+        ctx.link = link
         ctx.save_for_backward(*tensors, rng_state)
         ctx.mark_non_differentiable(rng_state)
 
@@ -280,6 +284,11 @@ class _Sample(torch.autograd.Function):
         *grad_samples, grad_kl, _ = grads
         grad_theta = _flatten(grad_samples, ctx.n) if ctx.split else grad_samples[0]
 
+        if ctx.link is not None:
+            # The linked KL's backward, which runs next, computes the gradients of both.
+            ctx.link.stash = (grad_theta, rng_state, means, logvars)
+            return None, None, None, *([None] * len(tensors)), grad_kl.new_zeros(())
+
         with torch.profiler.record_function("fastbnf::sample_backward"):
             grad_mu, grad_logvar = _run(
                 "sample_backward",
@@ -292,12 +301,30 @@ class _Sample(torch.autograd.Function):
                 *ctx.options,
             )
 
-        return None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
+        return None, None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
+
+
+class Link:
+    r"""Ties a group's KL divergence to the next sample of the same group, the seed-style
+    ``kl_divergence()`` then ``reparameterize()``, so that one kernel call computes the
+    gradients of both, as with ``return_kl``.
+
+    The sample takes :attr:`token`, an output of the KL's node, as an input: autograd then runs
+    the sample's backward first. It leaves its flat gradient in :attr:`stash` and returns none
+    for the parameters; the KL's backward hands both gradients to one ``sample_backward`` call.
+    Each parameter then receives one gradient instead of two to add.
+    """
+
+    __slots__ = ("token", "stash")
+
+    def __init__(self) -> None:
+        self.token: Tensor | None = None
+        self.stash: tuple | None = None
 
 
 class _KL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, options, *tensors):
+    def forward(ctx, options, link, *tensors):
         count = len(tensors) // 2
         means, logvars = tensors[:count], tensors[count:]
 
@@ -306,21 +333,54 @@ class _KL(torch.autograd.Function):
 
         ctx.options = options
         ctx.count = count
+        ctx.link = link
         ctx.save_for_backward(*tensors)
-        return divergence
+        # A backward reached only through the token gets no KL gradient: None, not zeros.
+        ctx.set_materialize_grads(False)
+        if link is None:
+            return divergence
+        return divergence, divergence.new_zeros(())
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_kl):
-        tensors = ctx.saved_tensors
-        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+    def backward(ctx, grad_kl, *_):
+        stash, none = None, [None] * (2 * ctx.count)
+        if ctx.link is not None:
+            stash, ctx.link.stash = ctx.link.stash, None
 
-        with torch.profiler.record_function("fastbnf::kl_backward"):
-            grad_mu, grad_logvar = _run(
-                "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
-            )
+        if stash is None:
+            if grad_kl is None:
+                return None, None, *none
+            tensors = ctx.saved_tensors
+            means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+            with torch.profiler.record_function("fastbnf::kl_backward"):
+                grad_mu, grad_logvar = _run(
+                    "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
+                )
+        else:
+            # The sample's tensors, saved when it was drawn; the KL's own are read only when
+            # its gradient is needed (a second backward through the token alone must not
+            # touch them: they may have been freed).
+            grad_theta, rng_state, means, logvars = stash
+            with_kl = grad_kl is not None
+            if with_kl:
+                ctx.saved_tensors  # noqa: B018  (the in-place modification check)
+            else:
+                grad_kl = grad_theta.new_zeros((), dtype=means[0].dtype)
+            with torch.profiler.record_function("fastbnf::sample_backward"):
+                grad_mu, grad_logvar = _run(
+                    "sample_backward",
+                    grad_theta.device,
+                    grad_theta,
+                    grad_kl,
+                    means,
+                    logvars,
+                    rng_state,
+                    with_kl,
+                    *ctx.options,
+                )
 
-        return None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
+        return None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
 
 
 class _Variance(torch.autograd.Function):
@@ -352,6 +412,7 @@ def sample(
     prior_means: Sequence[Tensor] | None = None,
     stream: int = 0,
     split: bool = False,
+    link: Link | None = None,
 ) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:
     r"""Samples a group of parameters from their posterior, and optionally the KL.
 
@@ -367,6 +428,8 @@ def sample(
         stream: An integer folded into the noise's key (the data-parallel rank).
         split: Whether to return the samples as one view per tensor, shaped like it (with a
             leading dim of size ``n``), rather than flat.
+        link: The :class:`Link` of a KL of the same tensors, drawn without ``with_kl`` (eager
+            mode only): their backward is then one kernel call.
 
     Returns:
         The samples, flat with shape :math:`(N)` or :math:`(n, N)` or split, the KL divergence
@@ -374,12 +437,17 @@ def sample(
     """
 
     options = (n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
+    if link is not None and (with_kl or link.token is None):
+        raise ValueError("sample() takes a link only without with_kl, from a kl(link=...) call")
+    if link is not None and not link.token.requires_grad:
+        link = None  # the KL's node would not run in the backward
 
     if torch.compiler.is_compiling():
         theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
         return (unflatten(theta, means) if split else theta), kl, rng_state
 
-    *theta, kl, rng_state = _Sample.apply(options, split, *means, *logvars)
+    token = () if link is None else (link.token,)
+    *theta, kl, rng_state = _Sample.apply(options, split, link, *means, *logvars, *token)
     return (theta if split else theta[0]), kl, rng_state
 
 
@@ -389,6 +457,7 @@ def kl(
     prior_var: float = 1.0,
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
+    link: Link | None = None,
 ) -> Tensor:
     r"""Returns the KL divergence between a group's posterior and its prior.
 
@@ -398,6 +467,8 @@ def kl(
         prior_var: The variance of the prior.
         prior_vars: Per-tensor prior variances, overriding ``prior_var``.
         prior_means: Per-tensor prior means (by default zero).
+        link: A fresh :class:`Link`, to pass to the :func:`sample` of the same tensors that
+            follows (eager mode, with gradients; ignored otherwise).
 
     Returns:
         The KL divergence, a 0-dim tensor.
@@ -407,7 +478,10 @@ def kl(
 
     if torch.compiler.is_compiling():
         return torch.ops.fastbnf.kl(list(means), list(logvars), *options)
-    return _KL.apply(options, *means, *logvars)
+    if link is None or not torch.is_grad_enabled():
+        return _KL.apply(options, None, *means, *logvars)
+    divergence, link.token = _KL.apply(options, link, *means, *logvars)
+    return divergence
 
 
 def variance(logvars: Sequence[Tensor]) -> Tensor:

@@ -317,6 +317,9 @@ def test_op_calls_per_step_do_not_grow_with_tensors(backend):
         with ours.reparameterize() as net:
             (net(torch.randn(2, 4)).sum() + kl).backward()
 
+    # The seed-style KL and the sample share one backward call (ops.Link).
     names = [e.name for e in prof.events() if e.name.startswith("fastbnf::")]
-    for op in ("kl", "kl_backward", "sample", "sample_backward"):
-        assert names.count(f"fastbnf::{op}") == 1, names
+    calls = ["fastbnf::kl", "fastbnf::sample", "fastbnf::sample_backward"]
+    assert sorted(n for n in names if not n.endswith("_kernel")) == calls
+    if backend == "cpp":
+        assert sorted(n for n in names if n.endswith("_kernel")) == sorted(c + "_kernel" for c in calls)
