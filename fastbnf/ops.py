@@ -240,10 +240,37 @@ def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         return unflatten(flat, like)
 
 
+def _adjacent(grads: Sequence[Tensor]) -> Tensor | None:
+    r"""One flat tensor over the gradients when they are contiguous and back to back in one
+    storage, in order (what the backward of ``torch.cat`` over the samples hands back), else
+    :py:`None`.
+
+    Only the first and the last are checked for their storage: the others lie between them, in
+    memory that the first one's storage holds.
+    """
+
+    first, last = grads[0], grads[-1]
+    storage = first.untyped_storage()
+    if last.untyped_storage().data_ptr() != storage.data_ptr():
+        return None
+    size = first.element_size()
+    start = end = first.data_ptr()
+    for g in grads:
+        if g.data_ptr() != end or not g.is_contiguous():
+            return None
+        end += g.numel() * size
+    if end > storage.data_ptr() + storage.nbytes():
+        return None
+    return first.as_strided(((end - start) // size,), (1,))
+
+
 def _flatten(grads: Sequence[Tensor], n: int | None) -> Tensor:
     r"""The flat gradient of the samples from the gradients of their per-tensor views."""
 
     if n is None:
+        flat = _adjacent(grads)
+        if flat is not None:
+            return flat
         return torch._C._nn.flatten_dense_tensors(list(grads))
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
 

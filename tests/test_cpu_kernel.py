@@ -648,3 +648,74 @@ def test_opcheck(dtype):
     torch.library.opcheck(K.kl_kernel.default, (means, logvars, *prior))
     torch.library.opcheck(K.kl_backward_kernel.default, (grad_kl, means, logvars, *prior))
     torch.library.opcheck(K.variance_kernel.default, (logvars,))
+
+
+# --------------------------------------------------------------------------------------------
+# The pool of large outputs (csrc/cpu/buffer_pool.h)
+
+
+def pool_group(numel=1_000_000):
+    return [torch.randn(numel)], [torch.full((numel,), -3.0)]
+
+
+def test_large_outputs_are_recycled():
+    fastbnf.empty_cache()
+    means, logvars = pool_group()
+    theta, _, _ = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
+    address = theta.data_ptr()
+    assert address % (2 << 20) == 0  # huge-page aligned
+    del theta
+    assert fastbnf.cached_bytes() == 4 * 1_000_000
+
+    theta, _, rng_state = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
+    assert theta.data_ptr() == address and fastbnf.cached_bytes() == 0
+    # A recycled buffer holds no stale values: every element is written.
+    eps = (theta - means[0]) / reference.softclip(logvars[0]).div(2).exp()
+    torch.testing.assert_close(
+        eps[:1000].double(), torch.from_numpy(numpy_normals(*rng_state.tolist(), np.arange(1000))),
+        rtol=1e-5, atol=1e-5,
+    )
+    with pytest.raises(RuntimeError, match="not resizable"):
+        theta.resize_(2_000_000)
+
+    del theta
+    assert fastbnf.empty_cache() == 4 * 1_000_000
+    assert fastbnf.cached_bytes() == 0
+
+
+def test_small_outputs_are_not_pooled():
+    fastbnf.empty_cache()
+    means, logvars = pool_group(1000)
+    theta, _, _ = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
+    del theta
+    assert fastbnf.cached_bytes() == 0
+
+
+def pooled_bytes_after_six_outputs(**env):
+    r"""In a fresh process: the idle bytes after six 4 MB outputs die together."""
+
+    code = textwrap.dedent(
+        """
+        import torch, fastbnf
+        from fastbnf._backend import has_kernel
+        assert has_kernel("cpu")
+        means, logvars = [torch.randn(1_000_000)], [torch.zeros(1_000_000)]
+        outs = [torch.ops.fastbnf.sample_kernel(means, logvars, None, None, False, 1.0, None,
+                                                None, 0)[0] for _ in range(6)]
+        del outs
+        print(fastbnf.cached_bytes())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+def test_pool_keeps_at_most_four_times_the_largest():
+    assert pooled_bytes_after_six_outputs() == 4 * 4_000_000
+
+
+def test_pool_can_be_turned_off():
+    assert pooled_bytes_after_six_outputs(FASTBNF_CPU_CACHE="0") == 0

@@ -72,6 +72,35 @@ def test_sample_gradients_are_exact(backend, dtype, n):
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,)
 
 
+@pytest.mark.parametrize("order", ["in order", "reversed", "gap"])
+def test_split_gradients_in_one_buffer(backend, order):
+    r"""Gradients of the split samples that lie back to back in one buffer (as the backward of
+    ``cat`` hands them) are read in place; any other layout is flattened. Same result."""
+
+    shapes = [(40, 40), (40,), (30, 30), (7,)]
+    means, logvars = make_group(shapes=shapes)
+    torch.manual_seed(0)
+    views, _, _ = ops.sample(means, logvars, split=True)
+    n = sum(v.numel() for v in views)
+    g = torch.randn(n + 1)
+    if order == "in order":
+        grads = list(g[:n].split([v.numel() for v in views]))
+    elif order == "reversed":
+        grads = list(g[:n].split([v.numel() for v in reversed(views)]))[::-1]
+    else:  # one element between the second and the third tensor
+        sizes = [v.numel() for v in views]
+        pieces = g.split([*sizes[:2], 1, *sizes[2:]])
+        grads = [pieces[0], pieces[1], pieces[3], pieces[4]]
+    torch.autograd.backward(views, [gr.view_as(v) for gr, v in zip(grads, views)])
+
+    flat_grad = torch.cat([gr.reshape(-1) for gr in grads])
+    eps = recovered_eps(torch.cat([v.detach().reshape(-1) for v in views]), means, logvars)
+    sigma = reference.softclip(flat(logvars)).div(2).exp()
+    expected_lv = reference.softclip_grad(flat(logvars)) * 0.5 * sigma * flat_grad * eps
+    torch.testing.assert_close(flat([m.grad for m in means]), flat_grad, rtol=0, atol=0)
+    torch.testing.assert_close(flat([v.grad for v in logvars]), expected_lv, rtol=1e-4, atol=1e-5)
+
+
 def test_sample_shapes_and_dtypes(backend):
     means, logvars = make_group()
     n_total = sum(m.numel() for m in means)

@@ -29,10 +29,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "buffer_pool.h"
 #include "cpu_math.h"
 
 #if defined(__FAST_MATH__)
@@ -582,25 +579,6 @@ void dispatch_low(at::ScalarType dtype, const F& f) {
       f(double{});
       break;
   }
-}
-
-// A fresh output of many MB is a new mmap whose first touch costs one page fault per 4 KB page:
-// more than the kernel's own work on a VM. Asking for transparent huge pages before the first
-// touch makes that 512 times fewer faults (what c10's THP_MEM_ALLOC_ENABLE does for every
-// allocation). Advice only: where THP is off it changes nothing.
-at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(dtype));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t bytes = out.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
 }
 
 at::Tensor make_rng_state(uint64_t seed) {

@@ -3,6 +3,7 @@
 // an implementation registered before its schema.
 #include <torch/library.h>
 
+#include "buffer_pool.h"
 #include "fused_ops.h"
 
 TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
@@ -11,4 +12,11 @@ TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
   m.impl("kl_kernel", &fastbnf::cpu::kl_kernel);
   m.impl("kl_backward_kernel", &fastbnf::cpu::kl_backward_kernel);
   m.impl("variance_kernel", &fastbnf::cpu::variance_kernel);
+}
+
+// The pool of large CPU outputs (buffer_pool.h), for fastbnf.empty_cache(). Declared here, not
+// in _schemas.py: these are controls of the extension, with no Python twin.
+TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
+  m.def("cpu_cache_release() -> int", &fastbnf::cpu::release_idle_buffers);
+  m.def("cpu_cache_bytes() -> int", &fastbnf::cpu::idle_buffer_bytes);
 }
