@@ -421,15 +421,24 @@ class Many(nn.Module):
         return sum(getattr(self, f"p{t}").sum() for t in range(self.count)) * x
 
 
+@pytest.mark.parametrize("style", ["fused", "seed"])
 @pytest.mark.parametrize("count", [10, 500])
-def test_one_launch_bayesian_model(count):
+def test_one_launch_bayesian_model(count, style):
+    r"""One launch forward and one backward (fused), or two forward (the KL, then the sample)
+    and still one backward (seed style: the KL and the sample share it, ops.Link)."""
+
     bm = fastbnf.BayesianModel(Many(count).cuda(), init_logvar=-9.0)
     assert fastbnf.backend("cuda") == "cuda"
     x = torch.ones((), device="cuda")
 
     def step():
-        with bm.reparameterize(return_kl=True, prior_var=1.0) as (module, kl):
-            loss = module(x) + kl
+        if style == "fused":
+            with bm.reparameterize(return_kl=True, prior_var=1.0) as (module, kl):
+                loss = module(x) + kl
+        else:
+            kl = bm.kl_divergence()
+            with bm.reparameterize() as module:
+                loss = module(x) + kl
         loss.backward()
 
     step()  # the table upload happens once
@@ -443,7 +452,7 @@ def test_one_launch_bayesian_model(count):
     names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
     forward = [n for n in names if "fastbnf" in n and "forward_kernel" in n]
     backward = [n for n in names if "fastbnf" in n and "backward_kernel" in n]
-    assert len(forward) == 1 and len(backward) == 1, names
+    assert len(forward) == (1 if style == "fused" else 2) and len(backward) == 1, names
 
 
 # --------------------------------------------------------------------------------------------
