@@ -4,7 +4,7 @@ The extension ``fastbnf._C`` is loaded lazily, on the first op call. A missing o
 extension gives one warning and the pure-PyTorch backend, never an import error.
 """
 
-__all__ = ["backend", "has_kernel", "load_extension"]
+__all__ = ["backend", "extension_loaded", "has_kernel", "load_extension"]
 
 import functools
 import importlib
@@ -51,6 +51,12 @@ def load_extension() -> bool:
         stacklevel=3,
     )
     return False
+
+
+def extension_loaded() -> bool:
+    r"""Tells whether ``fastbnf._C`` is loaded, without loading it."""
+
+    return load_extension.cache_info().currsize > 0 and load_extension()
 
 
 @functools.cache

@@ -719,3 +719,28 @@ def test_pool_keeps_at_most_four_times_the_largest():
 
 def test_pool_can_be_turned_off():
     assert pooled_bytes_after_six_outputs(FASTBNF_CPU_CACHE="0") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# fastbnf::views_like (csrc/views.cpp), the eager path's twin of unflatten_dense_tensors
+
+
+def test_views_like_matches_unflatten():
+    like = [torch.empty(s) for s in [(7, 3), (), (0, 4), (129,), (2, 3, 5)]]
+    flat = torch.randn(1 + sum(t.numel() for t in like))[1:]  # a storage offset
+    got = K.views_like(flat, like)
+    expected = torch._C._nn.unflatten_dense_tensors(flat, like)
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e) and g.is_contiguous()
+        assert g.numel() == 0 or g.data_ptr() == e.data_ptr()  # aliases, not copies
+    got[3][0] = 42.0
+    assert flat[22] == 42.0
+
+
+def test_views_like_rejects_a_size_mismatch():
+    like = [torch.empty(3), torch.empty(4)]
+    with pytest.raises(RuntimeError, match="the tensors hold 7 elements but flat has 6"):
+        K.views_like(torch.zeros(6), like)
+    with pytest.raises(RuntimeError, match="contiguous 1-dim"):
+        K.views_like(torch.zeros(7, 1), like)

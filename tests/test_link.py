@@ -61,7 +61,7 @@ def test_one_backward_call(backend):
         kl = bm.kl_divergence()
         with bm.reparameterize() as net:
             (loss_of(net, torch.randn(2, 3, dtype=torch.float64)) + kl).backward()
-    names = [e.name for e in prof.events() if e.name.startswith("fastbnf::")]
+    names = [e.name for e in prof.events() if e.name.startswith("fastbnf::") and "views" not in e.name]
     assert names.count("fastbnf::sample_backward") == 1
     assert not any(n.startswith("fastbnf::kl_backward") for n in names)
 
@@ -122,7 +122,7 @@ def test_only_the_next_sample_is_linked(backend):
         with bm.reparameterize() as net:
             second = loss_of(net, torch.randn(2, 3, dtype=torch.float64))
         (first + second + kl).backward()
-    names = [e.name for e in prof.events() if e.name.startswith("fastbnf::")]
+    names = [e.name for e in prof.events() if e.name.startswith("fastbnf::") and "views" not in e.name]
     # One linked backward (first + KL), one plain (second).
     assert names.count("fastbnf::sample_backward") == 2
     assert not any(n.startswith("fastbnf::kl_backward") for n in names)
