@@ -376,11 +376,25 @@ class Link:
     one gradient, from one node.
     """
 
-    __slots__ = ("token", "stash")
+    __slots__ = ("tensors", "token", "stash", "taken")
 
     def __init__(self) -> None:
+        self.tensors: tuple[Tensor, ...] = ()
         self.token: Tensor | None = None
         self.stash: tuple | None = None
+        self.taken = False
+
+    def take(self, means: Sequence[Tensor], logvars: Sequence[Tensor]) -> None:
+        r"""Checks that a sample of these tensors may take the link, and marks it taken."""
+
+        tensors = (*means, *logvars)
+        if self.token is None or self.taken:
+            raise ValueError("a Link is taken by one sample, after a kl(link=...) call")
+        if len(tensors) != len(self.tensors) or any(
+            a is not b for a, b in zip(tensors, self.tensors)
+        ):
+            raise ValueError("the Link comes from a KL of other tensors than this sample's")
+        self.taken = True
 
 
 class _KL(torch.autograd.Function):
@@ -497,10 +511,12 @@ def sample(
     """
 
     options = (n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
-    if link is not None and (with_kl or link.token is None):
-        raise ValueError("sample() takes a link only without with_kl, from a kl(link=...) call")
-    if link is not None and not link.token.requires_grad:
-        link = None  # the KL's node would not run in the backward
+    if link is not None:
+        if with_kl:
+            raise ValueError("sample() takes a link only without with_kl")
+        link.take(means, logvars)
+        if not link.token.requires_grad:
+            link = None  # the KL's node would not run in the backward
 
     if torch.compiler.is_compiling():
         theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
@@ -544,6 +560,7 @@ def kl(
     if link is None or not torch.is_grad_enabled():
         return _KL.apply(options, None, *means, *logvars)
     divergence, link.token = _KL.apply(options, link, *means, *logvars)
+    link.tensors = (*means, *logvars)
     return divergence
 
 

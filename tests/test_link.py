@@ -199,3 +199,21 @@ def test_links_do_not_survive_a_copy(backend):
     assert copy.deepcopy(bm)._links is None
     bm.double()  # moving the parameters rebuilds the groups, and drops the links
     assert bm._links is None
+
+
+def test_a_link_is_checked(backend):
+    from fastbnf import ops
+
+    means = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+    logvars = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+    link = ops.Link()
+    with pytest.raises(ValueError, match="after a kl"):
+        ops.sample(means, logvars, link=link)  # no KL made this link yet
+    ops.kl(means, logvars, link=link)
+    with pytest.raises(ValueError, match="other tensors"):
+        ops.sample(means[:1], logvars[:1], link=link)
+    with pytest.raises(ValueError, match="without with_kl"):
+        ops.sample(means, logvars, with_kl=True, link=link)
+    ops.sample(means, logvars, link=link)
+    with pytest.raises(ValueError, match="taken by one sample"):
+        ops.sample(means, logvars, link=link)
