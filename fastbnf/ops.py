@@ -279,6 +279,12 @@ def _flatten(grads: Sequence[Tensor], n: int | None) -> Tensor:
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
 
 
+def _version_sum(tensors: Sequence[Tensor]) -> int:
+    if extension_loaded():
+        return torch.ops.fastbnf.version_sum(tensors)
+    return sum(t._version for t in tensors)
+
+
 class _Kept:
     r"""The parameters an eager op reads again in its backward, kept by reference.
 
@@ -292,10 +298,10 @@ class _Kept:
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
         self.tensors = tuple(tensors)
-        self.version = sum(t._version for t in self.tensors)
+        self.version = _version_sum(self.tensors)
 
     def get(self, op: str) -> tuple[Tensor, ...]:
-        if sum(t._version for t in self.tensors) != self.version:
+        if _version_sum(self.tensors) != self.version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: a mean or log-variance read by fastbnf::{op} changed between "

@@ -722,7 +722,7 @@ def test_pool_can_be_turned_off():
 
 
 # --------------------------------------------------------------------------------------------
-# fastbnf::views_like (csrc/views.cpp), the eager path's twin of unflatten_dense_tensors
+# The eager path's helpers (csrc/eager_helpers.cpp)
 
 
 def test_views_like_matches_unflatten():
@@ -744,3 +744,14 @@ def test_views_like_rejects_a_size_mismatch():
         K.views_like(torch.zeros(6), like)
     with pytest.raises(RuntimeError, match="contiguous 1-dim"):
         K.views_like(torch.zeros(7, 1), like)
+
+
+def test_version_sum_counts_in_place_changes():
+    a, b = torch.zeros(3), torch.zeros(2, 2)
+    before = K.version_sum([a, b])
+    assert before == a._version + b._version
+    a.add_(1)
+    b.mul_(2)
+    b.zero_()
+    assert K.version_sum([a, b]) == before + 3
+    assert K.version_sum([]) == 0
