@@ -327,3 +327,20 @@ def test_compile_traces_a_step_without_graph_breaks(backend):
 
     assert torch.isfinite(loss)
     assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in means + logvars)
+
+
+@pytest.mark.parametrize("op", ["sample", "kl"])
+def test_in_place_change_before_backward_is_an_error(backend, op):
+    r"""The ops keep the parameters by reference, not with save_for_backward: they still refuse
+    a backward after the parameters changed in place, as autograd does."""
+
+    means, logvars = make_group()
+    if op == "sample":
+        theta, _, _ = ops.sample(means, logvars)
+        loss = theta.sum()
+    else:
+        loss = ops.kl(means, logvars)
+    with torch.no_grad():
+        logvars[1].add_(1.0)
+    with pytest.raises(RuntimeError, match=f"modified by an inplace operation.*fastbnf::{op}"):
+        loss.backward()
