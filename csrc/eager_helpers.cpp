@@ -15,6 +15,7 @@
 #include <c10/core/TensorImpl.h>
 #include <torch/library.h>
 
+#include <typeinfo>
 #include <vector>
 
 namespace fastbnf {
@@ -24,6 +25,9 @@ std::vector<at::Tensor> views_like(const at::Tensor& flat, at::TensorList like) 
   TORCH_CHECK(flat.dim() == 1 && flat.is_contiguous(),
               "fastbnf::views_like: flat must be a contiguous 1-dim tensor, got shape ",
               flat.sizes());
+  // The pieces copy the buffer's TensorImpl by hand: wrappers (functorch, subclasses) differ.
+  TORCH_CHECK(typeid(*flat.unsafeGetTensorImpl()) == typeid(c10::TensorImpl),
+              "fastbnf::views_like: flat must be a plain dense tensor");
   std::vector<at::Tensor> pieces;
   pieces.reserve(like.size());
   int64_t offset = flat.storage_offset();
