@@ -11,10 +11,15 @@
 //
 // fastbnf::version_sum: the sum of the tensors' version counters, the eager ops' in-place check
 // (fastbnf/ops.py, _Kept); a Python loop over `_version` takes about 0.3 µs a tensor.
+//
+// fastbnf::adjacent_flat: one flat tensor over tensors that lie back to back in one storage, in
+// order (the gradients that the backward of a torch.cat over the samples hands back), or None.
+// The sample's backward then reads them in place instead of copying them.
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <typeinfo>
 #include <vector>
 
@@ -52,12 +57,31 @@ int64_t version_sum(at::TensorList tensors) {
   return sum;
 }
 
+std::optional<at::Tensor> adjacent_flat(at::TensorList tensors) {
+  if (tensors.empty()) return std::nullopt;
+  const at::Tensor& first = tensors[0];
+  const c10::StorageImpl* storage = first.storage().unsafeGetStorageImpl();
+  const auto size = static_cast<int64_t>(first.element_size());
+  const char* end = static_cast<const char*>(first.data_ptr());
+  int64_t numel = 0;
+  for (const at::Tensor& t : tensors) {
+    if (t.storage().unsafeGetStorageImpl() != storage || t.scalar_type() != first.scalar_type() ||
+        !t.is_contiguous() || static_cast<const char*>(t.data_ptr()) != end) {
+      return std::nullopt;
+    }
+    end += t.numel() * size;
+    numel += t.numel();
+  }
+  return first.as_strided({numel}, {1});
+}
+
 }  // namespace
 }  // namespace fastbnf
 
 // Declared here, not in _schemas.py: helpers of the eager path, whose pure-PyTorch twins are
-// ATen's unflatten_dense_tensors and a loop over `_version`.
+// ATen's unflatten_dense_tensors and Python loops in fastbnf/ops.py.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("views_like(Tensor flat, Tensor[] like) -> Tensor[]", &fastbnf::views_like);
   m.def("version_sum(Tensor[] tensors) -> int", &fastbnf::version_sum);
+  m.def("adjacent_flat(Tensor[] tensors) -> Tensor?", &fastbnf::adjacent_flat);
 }

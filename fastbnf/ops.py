@@ -247,11 +247,14 @@ def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 def _adjacent(grads: Sequence[Tensor]) -> Tensor | None:
     r"""One flat tensor over the gradients when they are contiguous and back to back in one
     storage, in order (what the backward of ``torch.cat`` over the samples hands back), else
-    :py:`None`.
+    :py:`None`. The extension's ``fastbnf::adjacent_flat`` when it is loaded.
 
-    Only the first and the last are checked for their storage: the others lie between them, in
-    memory that the first one's storage holds.
+    Here only the first and the last are checked for their storage: the others lie between
+    them, in memory that the first one's storage holds.
     """
+
+    if extension_loaded():
+        return torch.ops.fastbnf.adjacent_flat(grads)
 
     first, last = grads[0], grads[-1]
     storage = first.untyped_storage()
@@ -356,19 +359,19 @@ class _Sample(torch.autograd.Function):
             ctx.link.stash = (grad_theta, rng_state, means, logvars)
             return None, None, None, None, grad_kl.new_zeros(())
 
-        with torch.profiler.record_function("fastbnf::sample_backward"):
-            grad_mu, grad_logvar = _run(
-                "sample_backward",
-                grad_theta.device,
-                grad_theta,
-                grad_kl,
-                means,
-                logvars,
-                rng_state,
-                *ctx.options,
-            )
+        grads = _sample_backward(grad_theta, grad_kl, means, logvars, rng_state, *ctx.options)
+        return None, None, None, None, *grads
 
-        return None, None, None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
+
+def _sample_backward(grad_theta, grad_kl, means, logvars, rng_state, *options) -> list[Tensor]:
+    r"""The per-tensor gradients of the means, then of the log-variances, in one call."""
+
+    with torch.profiler.record_function("fastbnf::sample_backward"):
+        grad_mu, grad_logvar = _run(
+            "sample_backward", grad_theta.device, grad_theta, grad_kl, means, logvars, rng_state,
+            *options,
+        )
+    return [*_views(grad_mu, means), *_views(grad_logvar, logvars)]
 
 
 class Link:
@@ -429,16 +432,7 @@ class _KL(torch.autograd.Function):
         if ctx.link is not None:
             stash, ctx.link.stash = ctx.link.stash, None
 
-        if stash is None:
-            if grad_kl is None:
-                return None, None, *none
-            tensors = ctx.kept.get("kl")
-            means, logvars = tensors[: ctx.count], tensors[ctx.count :]
-            with torch.profiler.record_function("fastbnf::kl_backward"):
-                grad_mu, grad_logvar = _run(
-                    "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
-                )
-        else:
+        if stash is not None:
             # The tensors the sample was drawn from (checked by the sample's backward); the
             # KL's own are checked only when its gradient is needed.
             grad_theta, rng_state, means, logvars = stash
@@ -447,19 +441,19 @@ class _KL(torch.autograd.Function):
                 ctx.kept.get("kl")
             else:
                 grad_kl = grad_theta.new_zeros((), dtype=means[0].dtype)
-            with torch.profiler.record_function("fastbnf::sample_backward"):
-                grad_mu, grad_logvar = _run(
-                    "sample_backward",
-                    grad_theta.device,
-                    grad_theta,
-                    grad_kl,
-                    means,
-                    logvars,
-                    rng_state,
-                    with_kl,
-                    *ctx.options,
-                )
+            grads = _sample_backward(
+                grad_theta, grad_kl, means, logvars, rng_state, with_kl, *ctx.options
+            )
+            return None, None, *grads
 
+        if grad_kl is None:
+            return None, None, *none
+        tensors = ctx.kept.get("kl")
+        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+        with torch.profiler.record_function("fastbnf::kl_backward"):
+            grad_mu, grad_logvar = _run(
+                "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
+            )
         return None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
 
 

@@ -755,3 +755,28 @@ def test_version_sum_counts_in_place_changes():
     b.zero_()
     assert K.version_sum([a, b]) == before + 3
     assert K.version_sum([]) == 0
+
+
+@pytest.mark.parametrize("layout", ["in order", "reversed", "gap", "two storages", "transposed"])
+def test_adjacent_flat_matches_the_python_twin(monkeypatch, layout):
+    from fastbnf import ops
+
+    buffer = torch.randn(100)
+    if layout == "in order":
+        tensors = [buffer[:30], buffer[30:60].view(5, 6), buffer[60:100]]
+    elif layout == "reversed":
+        tensors = [buffer[60:100], buffer[30:60], buffer[:30]]
+    elif layout == "gap":
+        tensors = [buffer[:30], buffer[31:60]]
+    elif layout == "two storages":
+        tensors = [buffer[:30], torch.randn(30)]
+    else:
+        tensors = [buffer[:30], buffer[30:60].view(5, 6).T]
+    compiled = K.adjacent_flat(tensors)
+    monkeypatch.setattr(ops, "extension_loaded", lambda: False)
+    twin = ops._adjacent(tensors)
+    if layout == "in order":
+        assert torch.equal(compiled, buffer) and torch.equal(twin, buffer)
+        assert compiled.data_ptr() == twin.data_ptr() == buffer.data_ptr()
+    else:
+        assert compiled is None and twin is None
