@@ -125,11 +125,13 @@ def sample(
     rng_state = torch.tensor([_key(stream), 0], dtype=torch.int64, device=device)
     eps = _noise(rng_state, shape, _compute_dtype(dtype), device)
 
-    sigma = softclip(logvar).div_(2).exp_()
+    lv = softclip(logvar)
+    sigma = lv.div(2).exp_()
     theta = torch.addcmul(mu, sigma, eps).to(out_dtype or dtype)
 
     if with_kl:
-        divergence = kl(means, logvars, prior_var, prior_vars, prior_means)
+        prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
+        divergence = _kl_flat(mu, lv, prior_mean, var, dtype)
     else:
         divergence = torch.zeros((), dtype=dtype, device=device)
 
@@ -160,11 +162,16 @@ def sample_backward(
     else:
         grad_mu, grad_sigma = grad_theta, eps.mul_(grad_theta)
 
-    sigma = softclip(logvar).div_(2).exp_()
-    grad_logvar = softclip_grad(logvar).mul_(0.5).mul_(sigma).mul_(grad_sigma)
+    lv = softclip(logvar)
+    sigma = lv.div(2).exp_()
+    slope = softclip_grad(logvar)
+    grad_logvar = slope.mul(0.5).mul_(sigma).mul_(grad_sigma)
 
     if with_kl:
-        kl_mu, kl_logvar = kl_backward(grad_kl, means, logvars, prior_var, prior_vars, prior_means)
+        # The flat tensors above serve the KL's gradient too (as kl_backward computes it).
+        mu = _flat(means).to(device)
+        prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
+        kl_mu, kl_logvar = _kl_grads(grad_kl.to(dtype), mu, lv, slope, prior_mean, var)
         grad_mu, grad_logvar = kl_mu.add_(grad_mu), grad_logvar.add_(kl_logvar)
 
     return grad_mu.to(dtype), grad_logvar.to(dtype)
@@ -183,7 +190,12 @@ def kl(
     mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
     prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
 
-    lv = softclip(logvar)
+    return _kl_flat(mu, softclip(logvar), prior_mean, var, dtype)
+
+
+def _kl_flat(mu: Tensor, lv: Tensor, prior_mean, var, dtype: torch.dtype) -> Tensor:
+    r"""The KL of flat means and softclipped log-variances ``lv`` (left unchanged)."""
+
     # 0.5 * (exp(lv) / v + (mu - m)^2 / v + log(v) - lv - 1), in place, in that order.
     terms = lv.exp().div_(var).add_((mu - prior_mean).square_().div_(var))
     terms = terms.add_(_log(var)).sub_(lv).sub_(1).mul_(0.5)
@@ -205,11 +217,18 @@ def kl_backward(
     dtype, device = _group_like(means)
     mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
     prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
-    g = grad_kl.to(dtype)
+
+    return _kl_grads(
+        grad_kl.to(dtype), mu, softclip(logvar), softclip_grad(logvar), prior_mean, var
+    )
+
+
+def _kl_grads(g: Tensor, mu: Tensor, lv: Tensor, slope: Tensor, prior_mean, var):
+    r"""The KL's gradients from flat means, softclipped log-variances ``lv`` and the softclip's
+    derivative ``slope``; ``lv`` and ``slope`` are overwritten."""
 
     grad_mu = (mu - prior_mean).mul_(g).div_(var)
-    grad_logvar = softclip_grad(logvar).mul_(g).mul_(0.5)
-    grad_logvar = grad_logvar.mul_(softclip(logvar).exp_().div_(var).sub_(1))
+    grad_logvar = slope.mul_(g).mul_(0.5).mul_(lv.exp_().div_(var).sub_(1))
 
     return grad_mu, grad_logvar
 
