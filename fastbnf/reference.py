@@ -1,8 +1,10 @@
 r"""Pure-PyTorch twins of every op.
 
 They are the fallback on any device without a compiled kernel and the oracle every kernel is
-tested against. Each works on a whole group at once: a handful of PyTorch ops per group, not
-one loop over its tensors.
+tested against. Each works on a group in chunks of whole tensors of up to 2M elements: a
+handful of PyTorch ops per chunk, not one loop over the tensors, and temporaries of a few MB,
+which the allocator reuses, where group-sized ones would be fresh mappings on every call (a page
+fault per page and its zeroing: as slow as the work itself at 25M parameters).
 
 The noise is drawn from a private :class:`torch.Generator` seeded by a key drawn from PyTorch's
 default CPU generator, so :func:`torch.manual_seed` and :func:`torch.random.fork_rng` reproduce
@@ -46,10 +48,36 @@ def softclip_grad(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
     return (x / bound).square_().add_(1).rsqrt_().pow_(3)
 
 
+# Elements per chunk (8 MB in fp32); a larger tensor makes a chunk of its own.
+_CHUNK = 1 << 21
+
+
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    r"""The tensors flat and end to end (a view for one tensor: the twins never write to it)."""
+
     if len(tensors) == 0:
         return torch.empty(0)
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _chunks(tensors: Sequence[Tensor]) -> list[tuple[slice, slice]]:
+    r"""Consecutive runs of whole tensors of at most :data:`_CHUNK` elements (a larger tensor
+    alone): for each, the slice of the tensors and the slice of the flat index space."""
+
+    chunks, t0, i0, i = [], 0, 0, 0
+    for t, x in enumerate(tensors):
+        if t > t0 and i + x.numel() - i0 > _CHUNK:
+            chunks.append((slice(t0, t), slice(i0, i)))
+            t0, i0 = t, i
+        i += x.numel()
+    chunks.append((slice(t0, len(tensors)), slice(i0, i)))
+    return chunks
+
+
+def _part(values: Sequence | None, tensors: slice) -> Sequence | None:
+    return None if values is None else values[tensors]
 
 
 def _group_like(tensors: Sequence[Tensor]) -> tuple[torch.dtype, torch.device]:
@@ -89,10 +117,12 @@ def _key(stream: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _noise(rng_state: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+def _generator(rng_state: Tensor, device) -> torch.Generator:
+    r"""The private generator of the noise; each chunk draws from it in turn, forward and
+    backward alike."""
+
     seed, _ = rng_state.tolist()
-    generator = torch.Generator(device).manual_seed(seed & _MASK64)
-    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return torch.Generator(device).manual_seed(seed & _MASK64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,23 +149,29 @@ def sample(
     """
 
     dtype, device = _group_like(means)
-    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
-    shape = (mu.numel(),) if n is None else (n, mu.numel())
+    numel = sum(m.numel() for m in means)
+    shape = (numel,) if n is None else (n, numel)
 
     rng_state = torch.tensor([_key(stream), 0], dtype=torch.int64, device=device)
-    eps = _noise(rng_state, shape, _compute_dtype(dtype), device)
+    generator = _generator(rng_state, device)
+    theta = torch.empty(shape, dtype=out_dtype or dtype, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
 
-    lv = softclip(logvar)
-    sigma = lv.div(2).exp_()
-    theta = torch.addcmul(mu, sigma, eps).to(out_dtype or dtype)
+    for tensors, elements in _chunks(means):
+        mu = _flat(means[tensors]).to(device)
+        lv = softclip(_flat(logvars[tensors]).to(device))
+        eps = torch.randn(
+            (*shape[:-1], mu.numel()), generator=generator, dtype=_compute_dtype(dtype),
+            device=device,
+        )
+        theta[..., elements] = torch.addcmul(mu, lv.div(2).exp_(), eps)
+        if with_kl:
+            prior = _prior(
+                means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
+            )
+            total += _kl_sum(mu, lv, *prior)
 
-    if with_kl:
-        prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
-        divergence = _kl_flat(mu, lv, prior_mean, var, dtype)
-    else:
-        divergence = torch.zeros((), dtype=dtype, device=device)
-
-    return theta, divergence, rng_state
+    return theta, total.to(dtype), rng_state
 
 
 def sample_backward(
@@ -152,29 +188,35 @@ def sample_backward(
     r"""Returns the flat gradients of :func:`sample` with respect to the means and log-variances."""
 
     dtype, device = _group_like(means)
-    logvar = _flat(logvars).to(device)
     grad_theta = grad_theta.to(_compute_dtype(dtype))
-    eps = _noise(rng_state, tuple(grad_theta.shape), _compute_dtype(dtype), device).to(dtype)
+    generator = _generator(rng_state, device)
+    grad_mu = torch.empty(grad_theta.shape[-1], dtype=dtype, device=device)
+    grad_logvar = torch.empty_like(grad_mu)
 
-    if grad_theta.dim() == 2:
-        grad_mu = grad_theta.sum(dim=0)
-        grad_sigma = eps.mul_(grad_theta).sum(dim=0)
-    else:
-        grad_mu, grad_sigma = grad_theta, eps.mul_(grad_theta)
+    for tensors, elements in _chunks(means):
+        g = grad_theta[..., elements]
+        eps = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=device).to(dtype)
+        if g.dim() == 2:
+            g_mu, g_sigma = g.sum(dim=0), eps.mul_(g).sum(dim=0)
+        else:
+            g_mu, g_sigma = g, eps.mul_(g)
 
-    lv = softclip(logvar)
-    sigma = lv.div(2).exp_()
-    slope = softclip_grad(logvar)
-    grad_logvar = slope.mul(0.5).mul_(sigma).mul_(grad_sigma)
+        logvar = _flat(logvars[tensors]).to(device)
+        lv, slope = softclip(logvar), softclip_grad(logvar)
+        g_logvar = slope.mul(0.5).mul_(lv.div(2).exp_()).mul_(g_sigma)
 
-    if with_kl:
-        # The flat tensors above serve the KL's gradient too (as kl_backward computes it).
-        mu = _flat(means).to(device)
-        prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
-        kl_mu, kl_logvar = _kl_grads(grad_kl.to(dtype), mu, lv, slope, prior_mean, var)
-        grad_mu, grad_logvar = kl_mu.add_(grad_mu), grad_logvar.add_(kl_logvar)
+        if with_kl:
+            mu = _flat(means[tensors]).to(device)
+            prior = _prior(
+                means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
+            )
+            kl_mu, kl_logvar = _kl_grads(grad_kl.to(dtype), mu, lv, slope, *prior)
+            g_mu, g_logvar = kl_mu.add_(g_mu), g_logvar.add_(kl_logvar)
 
-    return grad_mu.to(dtype), grad_logvar.to(dtype)
+        grad_mu[elements] = g_mu
+        grad_logvar[elements] = g_logvar
+
+    return grad_mu, grad_logvar
 
 
 def kl(
@@ -187,21 +229,28 @@ def kl(
     r"""Returns :math:`\mathrm{KL}(\mathcal{N}(\mu, \sigma^2) \,\|\, \mathcal{N}(m, v))` summed over a group."""
 
     dtype, device = _group_like(means)
-    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
-    prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
+    total = torch.zeros((), dtype=torch.float64, device=device)
 
-    return _kl_flat(mu, softclip(logvar), prior_mean, var, dtype)
+    for tensors, _ in _chunks(means):
+        mu = _flat(means[tensors]).to(device)
+        lv = softclip(_flat(logvars[tensors]).to(device))
+        prior = _prior(
+            means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
+        )
+        total += _kl_sum(mu, lv, *prior)
+
+    return total.to(dtype)
 
 
-def _kl_flat(mu: Tensor, lv: Tensor, prior_mean, var, dtype: torch.dtype) -> Tensor:
-    r"""The KL of flat means and softclipped log-variances ``lv`` (left unchanged)."""
+def _kl_sum(mu: Tensor, lv: Tensor, prior_mean, var) -> Tensor:
+    r"""The KL of flat means and softclipped log-variances ``lv`` (left unchanged), in fp64."""
 
     # 0.5 * (exp(lv) / v + (mu - m)^2 / v + log(v) - lv - 1), in place, in that order.
     terms = lv.exp().div_(var).add_((mu - prior_mean).square_().div_(var))
     terms = terms.add_(_log(var)).sub_(lv).sub_(1).mul_(0.5)
 
     # Summed in fp64, as the kernels do, so that the twins agree to rounding.
-    return terms.sum(dtype=torch.float64).to(dtype)
+    return terms.sum(dtype=torch.float64)
 
 
 def kl_backward(
@@ -215,12 +264,21 @@ def kl_backward(
     r"""Returns the flat gradients of :func:`kl` with respect to the means and log-variances."""
 
     dtype, device = _group_like(means)
-    mu, logvar = _flat(means).to(device), _flat(logvars).to(device)
-    prior_mean, var = _prior(means, prior_var, prior_vars, prior_means)
+    numel = sum(m.numel() for m in means)
+    grad_mu = torch.empty(numel, dtype=dtype, device=device)
+    grad_logvar = torch.empty_like(grad_mu)
 
-    return _kl_grads(
-        grad_kl.to(dtype), mu, softclip(logvar), softclip_grad(logvar), prior_mean, var
-    )
+    for tensors, elements in _chunks(means):
+        mu = _flat(means[tensors]).to(device)
+        logvar = _flat(logvars[tensors]).to(device)
+        prior = _prior(
+            means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
+        )
+        grad_mu[elements], grad_logvar[elements] = _kl_grads(
+            grad_kl.to(dtype), mu, softclip(logvar), softclip_grad(logvar), *prior
+        )
+
+    return grad_mu, grad_logvar
 
 
 def _kl_grads(g: Tensor, mu: Tensor, lv: Tensor, slope: Tensor, prior_mean, var):
@@ -236,4 +294,8 @@ def _kl_grads(g: Tensor, mu: Tensor, lv: Tensor, slope: Tensor, prior_mean, var)
 def variance(logvars: Sequence[Tensor]) -> Tensor:
     r"""Returns the flat variances :math:`\exp(\mathrm{softclip}(\log \sigma^2))` of a group."""
 
-    return softclip(_flat(logvars)).exp_()
+    dtype, device = _group_like(logvars)
+    out = torch.empty(sum(v.numel() for v in logvars), dtype=dtype, device=device)
+    for tensors, elements in _chunks(logvars):
+        out[elements] = softclip(_flat(logvars[tensors]).to(device)).exp_()
+    return out

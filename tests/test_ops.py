@@ -344,3 +344,34 @@ def test_in_place_change_before_backward_is_an_error(backend, op):
         logvars[1].add_(1.0)
     with pytest.raises(RuntimeError, match=f"modified by an inplace operation.*fastbnf::{op}"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [None, 3])
+def test_reference_in_chunks(monkeypatch, dtype, n):
+    r"""The pure-PyTorch twins work in chunks of whole tensors: with chunks of about 40
+    elements every group here spans several, and the results are those of one chunk (the noise
+    drawn chunk by chunk, alike forward and backward)."""
+
+    monkeypatch.setenv("FASTBNF_BACKEND", "torch")
+    monkeypatch.setattr(reference, "_CHUNK", 40)
+    assert len(reference._chunks(make_group()[0])) == 3  # (21 + 1 + 0), 129, 30 elements
+
+    test_kl_matches_closed_form("torch", dtype)
+    test_sample_gradients_are_exact("torch", dtype, n)
+    test_backward_regenerates_the_same_noise("torch")
+    test_variance("torch")
+
+    means, logvars = make_group(dtype)
+    prior_means = [torch.randn_like(m) for m in means]
+    prior_vars = [0.5, 2.0, 1.0, 3.0, 0.25]
+    args = (2.0, prior_vars, prior_means)
+    chunked = reference.kl(means, logvars, *args), reference.kl_backward(
+        torch.tensor(0.7, dtype=dtype), means, logvars, *args
+    )
+    monkeypatch.setattr(reference, "_CHUNK", 1 << 21)
+    whole = reference.kl(means, logvars, *args), reference.kl_backward(
+        torch.tensor(0.7, dtype=dtype), means, logvars, *args
+    )
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=0)
