@@ -23,6 +23,7 @@ __all__ = [
 import torch
 
 from collections.abc import Sequence
+from operator import is_
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -393,17 +394,18 @@ class Link:
         self.stash: tuple | None = None
         self.taken = False
 
-    def take(self, means: Sequence[Tensor], logvars: Sequence[Tensor]) -> None:
-        r"""Checks that a sample of these tensors may take the link, and marks it taken."""
+    def take(self, means: Sequence[Tensor], logvars: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        r"""Checks that a sample of these tensors may take the link, marks it taken, and
+        returns the tensors, means then log-variances."""
 
         tensors = (*means, *logvars)
         if self.token is None or self.taken:
             raise ValueError("a Link is taken by one sample, after a kl(link=...) call")
-        if len(tensors) != len(self.tensors) or any(
-            a is not b for a, b in zip(tensors, self.tensors)
-        ):
+        # Identity, compared in C (map over operator.is_): this runs every step.
+        if len(tensors) != len(self.tensors) or not all(map(is_, tensors, self.tensors)):
             raise ValueError("the Link comes from a KL of other tensors than this sample's")
         self.taken = True
+        return tensors
 
 
 class _KL(torch.autograd.Function):
@@ -514,7 +516,8 @@ def sample(
     if link is not None:
         if with_kl:
             raise ValueError("sample() takes a link only without with_kl")
-        link.take(means, logvars)
+        # Read by the sample, but not its inputs: the KL's node has their edges.
+        linked_tensors = link.take(means, logvars)
         if not link.token.requires_grad:
             link = None  # the KL's node would not run in the backward
 
@@ -525,8 +528,7 @@ def sample(
     if link is None:
         *theta, kl, rng_state = _Sample.apply(options, split, None, None, *means, *logvars)
     else:
-        tensors = (*means, *logvars)  # read, but not inputs: the KL's node has their edges
-        *theta, kl, rng_state = _Sample.apply(options, split, link, tensors, link.token)
+        *theta, kl, rng_state = _Sample.apply(options, split, link, linked_tensors, link.token)
     return (theta if split else theta[0]), kl, rng_state
 
 
