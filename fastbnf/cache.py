@@ -3,7 +3,7 @@ r"""The pool of large CPU kernel outputs.
 A training step allocates the same large outputs every step: samples and gradients. Fresh
 ones cost a page fault per page and the zeroing of it by the kernel of the operating system,
 about as much as the fused kernels' own work. The compiled CPU kernels therefore return their
-buffers of 2 MiB or more to a pool when the tensors die, and serve the next output of the same
+buffers of 128 KiB or more to a pool when the tensors die, and serve the next output of the same
 size from it. The pool keeps at most four times the largest output asked for, the oldest
 buffers going first; ``FASTBNF_CPU_CACHE=0`` turns the keeping off. Such outputs cannot be
 resized.

@@ -3,8 +3,8 @@
 // A training step allocates the same large outputs every time (samples, gradients). Fresh ones
 // are new mappings whose first touch costs a page fault per page and the kernel's zeroing:
 // about a third of a millisecond per MB here, as much as the kernels' own work. Buffers of
-// 2 MiB or more therefore go back to a pool when their tensor dies and serve the next request
-// of the same size. The pool keeps at most four times the largest buffer asked for (the oldest
+// 128 KiB or more (glibc's mmap threshold) therefore go back to a pool when their tensor dies
+// and serve the next request of the same size. The pool keeps at most four times the largest buffer asked for (the oldest
 // go first), FASTBNF_CPU_CACHE=0 turns the keeping off, and fastbnf.empty_cache() frees it.
 #pragma once
 
@@ -15,8 +15,8 @@
 namespace fastbnf {
 namespace cpu {
 
-// An uninitialized, contiguous CPU tensor. Large ones are huge-page aligned, come from the pool
-// and cannot be resized.
+// An uninitialized, contiguous CPU tensor. Large ones come from the pool, page aligned (huge-page
+// aligned from 2 MiB on), and cannot be resized.
 at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Frees the pool's idle buffers; returns how many bytes they held.
