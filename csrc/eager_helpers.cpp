@@ -9,9 +9,6 @@
 // made without the dispatcher. The pieces are plain tensors, not autograd views of the buffer:
 // the ops call this without gradients, on buffers nobody else sees, whose pieces do not overlap.
 //
-// fastbnf::version_sum: the sum of the tensors' version counters, the eager ops' in-place check
-// (fastbnf/ops.py, _Kept); a Python loop over `_version` takes about 0.3 µs a tensor.
-//
 // fastbnf::adjacent_flat: one flat tensor over tensors that lie back to back in one storage, in
 // order (the gradients that the backward of a torch.cat over the samples hands back), or None.
 // The sample's backward then reads them in place instead of copying them.
@@ -51,12 +48,6 @@ std::vector<at::Tensor> views_like(const at::Tensor& flat, at::TensorList like) 
   return pieces;
 }
 
-int64_t version_sum(at::TensorList tensors) {
-  int64_t sum = 0;
-  for (const at::Tensor& t : tensors) sum += static_cast<int64_t>(t._version());
-  return sum;
-}
-
 std::optional<at::Tensor> adjacent_flat(at::TensorList tensors) {
   if (tensors.empty()) return std::nullopt;
   const at::Tensor& first = tensors[0];
@@ -82,6 +73,5 @@ std::optional<at::Tensor> adjacent_flat(at::TensorList tensors) {
 // ATen's unflatten_dense_tensors and Python loops in fastbnf/ops.py.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("views_like(Tensor flat, Tensor[] like) -> Tensor[]", &fastbnf::views_like);
-  m.def("version_sum(Tensor[] tensors) -> int", &fastbnf::version_sum);
   m.def("adjacent_flat(Tensor[] tensors) -> Tensor?", &fastbnf::adjacent_flat);
 }

@@ -23,7 +23,7 @@ __all__ = [
 import torch
 
 from collections.abc import Sequence
-from operator import is_
+from operator import attrgetter, is_
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -283,10 +283,24 @@ def _flatten(grads: Sequence[Tensor], n: int | None) -> Tensor:
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
 
 
+_VERSION = attrgetter("_version")
+
+
 def _version_sum(tensors: Sequence[Tensor]) -> int:
-    if extension_loaded():
-        return torch.ops.fastbnf.version_sum(tensors)
-    return sum(t._version for t in tensors)
+    # map over attrgetter runs in C: about 0.1 µs a tensor, less than a dispatched op whose
+    # list argument alone costs 0.2 µs a tensor to convert.
+    return sum(map(_VERSION, tensors))
+
+
+def _apply(function: type[torch.autograd.Function], *args):
+    r"""``function.apply(*args)`` without its scan of every argument for functorch's dead
+    wrappers: about 1 µs a tensor, a millisecond per call for a group of 1,000 tensors. The
+    arguments here are parameters and this module's own tensors, never such wrappers. Under
+    functorch transforms the usual path runs."""
+
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
 
 
 class _Kept:
@@ -526,9 +540,9 @@ def sample(
         return (unflatten(theta, means) if split else theta), kl, rng_state
 
     if link is None:
-        *theta, kl, rng_state = _Sample.apply(options, split, None, None, *means, *logvars)
+        *theta, kl, rng_state = _apply(_Sample, options, split, None, None, *means, *logvars)
     else:
-        *theta, kl, rng_state = _Sample.apply(options, split, link, linked_tensors, link.token)
+        *theta, kl, rng_state = _apply(_Sample, options, split, link, linked_tensors, link.token)
     return (theta if split else theta[0]), kl, rng_state
 
 
@@ -560,8 +574,8 @@ def kl(
     if torch.compiler.is_compiling():
         return torch.ops.fastbnf.kl(list(means), list(logvars), *options)
     if link is None or not torch.is_grad_enabled():
-        return _KL.apply(options, None, *means, *logvars)
-    divergence, link.token = _KL.apply(options, link, *means, *logvars)
+        return _apply(_KL, options, None, *means, *logvars)
+    divergence, link.token = _apply(_KL, options, link, *means, *logvars)
     link.tensors = (*means, *logvars)
     return divergence
 
@@ -575,4 +589,4 @@ def variance(logvars: Sequence[Tensor]) -> Tensor:
 
     if torch.compiler.is_compiling():
         return torch.ops.fastbnf.variance(list(logvars))
-    return _Variance.apply(*logvars)
+    return _apply(_Variance, *logvars)
