@@ -27,6 +27,9 @@ from fastbnf._backend import has_kernel
 #: fused (``reparameterize(return_kl=True)``) step.
 FASTBNF_BACKENDS = ("torch", "cpp", "cuda")
 
+#: Steps timed beside the contenders, as yardsticks (see bench_step.py).
+YARDSTICKS = ("plain", "leaves", "randn")
+
 
 def devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -157,8 +160,51 @@ class LinearLoss:
         self.w = torch.randn(sum(p.numel() for p in params), generator=generator, device=device)
 
     def __call__(self) -> Tensor:
-        thetas = [m._parameters[a] for m, a in self.places]
+        return self.of([m._parameters[a] for m, a in self.places])
+
+    def of(self, thetas: Sequence[Tensor]) -> Tensor:
+        r"""The loss of given samples, in the order of the model's parameters."""
+
         return torch.cat([t.flatten() for t in thetas]) @ self.w
+
+
+class _Leaves(torch.autograd.Function):
+    r"""The autograd bookkeeping of a Bayesian step with no sampling or KL in it: one node
+    from the posterior's leaves to per-tensor samples (views of a fixed buffer), whose
+    backward hands each leaf a gradient (views of another)."""
+
+    @staticmethod
+    def forward(ctx, samples, grads, *leaves):
+        ctx.grads = grads
+        return tuple(samples)
+
+    @staticmethod
+    def backward(ctx, *_):
+        flat, leaves = ctx.grads
+        return None, None, *fastbnf.ops._views(flat, leaves)
+
+
+def leaves_step(base: nn.Module, loss_fn: LinearLoss, done: Callable[[], None]) -> Callable:
+    r"""The ``leaves`` yardstick: the step of a model with zuko's parameters (a mean and a
+    log-variance per tensor) whose sampling and KL cost nothing. What remains is the loss and
+    what autograd does per tensor: one leaf gradient per mean and log-variance, twice as many
+    as the plain step's. No design that keeps zuko's parameters can be faster."""
+
+    bm = fastbnf.BayesianModel(base)
+    leaves = [p for p in bm.parameters() if p.requires_grad]
+    shapes = list(base.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in shapes])
+    grads = (torch.zeros(sum(p.numel() for p in leaves), device=flat.device), leaves)
+
+    def step():
+        for p in leaves:
+            p.grad = None
+        samples = fastbnf.ops._views(flat, shapes)
+        thetas = super(torch.autograd.Function, _Leaves).apply(samples, grads, *leaves)
+        loss_fn.of(thetas).backward()
+        done()
+
+    return step
 
 
 def overhead_step(contender: str, base: nn.Module, device: str) -> tuple[Callable, nn.Module]:
@@ -177,6 +223,9 @@ def overhead_step(contender: str, base: nn.Module, device: str) -> tuple[Callabl
             done()
 
         return step, base
+
+    if contender == "leaves":
+        return leaves_step(base, loss_fn, done), base
 
     if contender == "randn":
         n = numel(base)

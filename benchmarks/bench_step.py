@@ -2,14 +2,17 @@ r"""The Bayesian overhead of one training step, zuko against fastbnf, side by si
 
 One step is ``kl_divergence()`` + ``reparameterize()`` (seed style, the tutorial's) or
 ``reparameterize(return_kl=True)`` (fused), a loss linear in the samples, and ``backward()``.
-Yardsticks in the same groups: ``plain`` (the same loss and backward on the plain parameters)
-and ``randn`` (``torch.randn`` of as many numbers as there are parameters).
+Yardsticks in the same groups: ``plain`` (the same loss and backward on the plain parameters),
+``leaves`` (the same with zuko's parameters, a mean and a log-variance per tensor, and free
+sampling and KL: autograd's own per-tensor cost, below which no drop-in design can go) and
+``randn`` (``torch.randn`` of as many numbers as there are parameters).
 """
 
 import pytest
 import torch
 
 from ._harness import (
+    YARDSTICKS,
     bag,
     bayesian_contenders,
     count,
@@ -60,7 +63,7 @@ def pytest_generate_tests(metafunc):
     quick = bool(metafunc.config.getoption("benchmark_disable"))
     params, ids = [], []
     for device in devices():
-        contenders = [*bayesian_contenders(device), "plain", "randn"]
+        contenders = [*bayesian_contenders(device), *YARDSTICKS]
         for case, builder in cases(device, quick):
             for contender in contenders:
                 params.append((device, case, builder, contender))
@@ -99,7 +102,7 @@ def test_step(benchmark, quick, monkeypatch, device, case, builder, contender):
         device=device,
         size=n,
         tensors=tensors,
-        style="fused" if fused else ("seed" if contender not in ("plain", "randn") else None),
+        style="fused" if fused else ("seed" if contender not in YARDSTICKS else None),
     )
 
     run(benchmark, step, quick, budget_s=0.7)

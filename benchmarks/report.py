@@ -33,8 +33,11 @@ CONTENDER_ORDER = [
     "cuda",
     "cuda-fused",
     "plain",
+    "leaves",
     "randn",
 ]
+# Timed beside the contenders, without a ratio to zuko.
+UNRATED = ("zuko", "plain", "leaves", "randn")
 STYLE = {
     "zuko": {"color": "tab:red", "marker": "o"},
     "zuko-compile": {"color": "tab:pink", "marker": "o", "linestyle": "--"},
@@ -45,6 +48,7 @@ STYLE = {
     "cuda": {"color": "tab:purple", "marker": "^"},
     "cuda-fused": {"color": "tab:purple", "marker": "^", "linestyle": "--"},
     "plain": {"color": "tab:gray", "marker": ".", "linestyle": ":"},
+    "leaves": {"color": "black", "marker": ".", "linestyle": ":"},
     "randn": {"color": "tab:orange", "marker": "x", "linestyle": ":"},
 }
 
@@ -169,6 +173,7 @@ def headline(r: Results) -> list[str]:
             fused = r.best_fastbnf(device, row, True)
             rs, rf = ratio(row, seed) if seed else None, ratio(row, fused) if fused else None
             plain = row.get("plain", {}).get("median")
+            leaves = row.get("leaves", {}).get("median")
             above = None
             if seed and plain is not None and row[seed]["median"] > plain:
                 above = (z["median"] - plain) / (row[seed]["median"] - plain)
@@ -180,6 +185,7 @@ def headline(r: Results) -> list[str]:
                     str(z["tensors"]),
                     fmt_time(z["median"]),
                     fmt_time(plain),
+                    fmt_time(leaves),
                     f"{fmt_time(row[seed]['median'])} ({seed})" if seed else "–",
                     fmt_ratio(rs),
                     fmt_ratio(above),
@@ -198,8 +204,11 @@ def headline(r: Results) -> list[str]:
             "Medians of one step (KL + sample + a loss linear in the samples + backward). "
             "Ratio = zuko median / fastbnf median. `plain` is the same loss and backward on the "
             "plain parameters, a cost both sides pay; the ratio above plain compares what each "
-            "adds to it, (zuko − plain) / (fastbnf − plain). The targets (issue \"CPU kernels\") "
-            "are for the seed-style step of the compiled kernel, whole step."
+            "adds to it, (zuko − plain) / (fastbnf − plain). `leaves` is the same loss with zuko's "
+            "parameters (a mean and a log-variance per tensor) and sampling and KL that cost "
+            "nothing: autograd's own work per tensor, below which no drop-in design goes. The "
+            "targets (issue \"CPU kernels\") are for the seed-style step of the compiled kernel, "
+            "whole step."
         ),
         "",
         *table(
@@ -209,6 +218,7 @@ def headline(r: Results) -> list[str]:
                 "tensors",
                 "zuko",
                 "plain",
+                "leaves",
                 "fastbnf seed-style",
                 "ratio",
                 "ratio above plain",
@@ -230,7 +240,7 @@ def step_section(r: Results) -> list[str]:
         contenders = order({c for row in cases.values() for c in row})
         header = ["case", "params", "tensors"]
         for c in contenders:
-            header += [c] if c in ("zuko", "plain", "randn") else [c, "vs zuko"]
+            header += [c] if c in UNRATED else [c, "vs zuko"]
         header += ["32 B/param floor"]
         rows = []
         for case in sorted(cases, key=case_key):
@@ -239,7 +249,7 @@ def step_section(r: Results) -> list[str]:
             cells = [case, fmt_count(any_entry["size"]), str(any_entry["tensors"])]
             for c in contenders:
                 cells.append(fmt_time(row[c]["median"]) if c in row else "–")
-                if c not in ("zuko", "plain", "randn"):
+                if c not in UNRATED:
                     cells.append(fmt_ratio(ratio(row, c)))
             cells.append(fmt_time(r.floor(device, any_entry["size"])))
             rows.append(cells)
@@ -249,7 +259,8 @@ def step_section(r: Results) -> list[str]:
             (
                 "Medians. `-fused` = `reparameterize(return_kl=True)`, otherwise seed-style "
                 "(`kl_divergence()` + `reparameterize()`). `plain`: the same loss and backward on the "
-                "plain parameters; `randn`: `torch.randn` of as many numbers; floor: 32 bytes per "
+                "plain parameters; `leaves`: the same with zuko's parameters and free sampling and KL; "
+                "`randn`: `torch.randn` of as many numbers; floor: 32 bytes per "
                 "parameter at the measured copy bandwidth (the fused path's memory traffic)."
             ),
             "",
