@@ -204,11 +204,11 @@ def headline(r: Results) -> list[str]:
             "Medians of one step (KL + sample + a loss linear in the samples + backward). "
             "Ratio = zuko median / fastbnf median. `plain` is the same loss and backward on the "
             "plain parameters, a cost both sides pay; the ratio above plain compares what each "
-            "adds to it, (zuko − plain) / (fastbnf − plain). `leaves` is the same loss with zuko's "
-            "parameters (a mean and a log-variance per tensor) and sampling and KL that cost "
-            "nothing: autograd's own work per tensor, below which no drop-in design goes. The "
-            "targets (issue \"CPU kernels\") are for the seed-style step of the compiled kernel, "
-            "whole step."
+            "adds to it, (zuko − plain) / (fastbnf − plain). `leaves` is the same loss with "
+            "zuko's parameters (a mean and a log-variance per tensor) and sampling and KL that "
+            "cost nothing: autograd's own work per tensor, below which no drop-in design goes. "
+            "The targets (issue \"CPU kernels\") are for the seed-style step of the compiled "
+            "kernel, whole step."
         ),
         "",
         *table(
@@ -258,9 +258,9 @@ def step_section(r: Results) -> list[str]:
             "",
             (
                 "Medians. `-fused` = `reparameterize(return_kl=True)`, otherwise seed-style "
-                "(`kl_divergence()` + `reparameterize()`). `plain`: the same loss and backward on the "
-                "plain parameters; `leaves`: the same with zuko's parameters and free sampling and KL; "
-                "`randn`: `torch.randn` of as many numbers; floor: 32 bytes per "
+                "(`kl_divergence()` + `reparameterize()`). `plain`: the same loss and backward "
+                "on the plain parameters; `leaves`: the same with zuko's parameters and free "
+                "sampling and KL; `randn`: `torch.randn` of as many numbers; floor: 32 bytes per "
                 "parameter at the measured copy bandwidth (the fused path's memory traffic)."
             ),
             "",

@@ -4,8 +4,9 @@
 // are new mappings whose first touch costs a page fault per page and the kernel's zeroing:
 // about a third of a millisecond per MB here, as much as the kernels' own work. Buffers of
 // 128 KiB or more (glibc's mmap threshold) therefore go back to a pool when their tensor dies
-// and serve the next request of the same size. The pool keeps at most four times the largest buffer asked for (the oldest
-// go first), FASTBNF_CPU_CACHE=0 turns the keeping off, and fastbnf.empty_cache() frees it.
+// and serve the next request of the same size. The pool keeps at most four times the largest
+// buffer asked for (the oldest go first), FASTBNF_CPU_CACHE=0 turns the keeping off, and
+// fastbnf.empty_cache() frees it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
