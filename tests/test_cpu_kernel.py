@@ -687,19 +687,15 @@ def test_mid_size_outputs_are_recycled_page_aligned():
     # Above glibc's mmap threshold (128 KiB), below a huge page: pooled, page aligned.
     fastbnf.empty_cache()
     means, logvars = pool_group(100_000)
-    grads = K.sample_backward_kernel(
-        torch.ones(100_000), torch.ones(()), means, logvars, torch.tensor([1, 0]), False, 1.0,
-        None, None,
-    )
+    args = (torch.ones(100_000), torch.ones(()), means, logvars, torch.tensor([1, 0]), False, 1.0)
+
+    grads = K.sample_backward_kernel(*args, None, None)
     addresses = {g.data_ptr() for g in grads}
     assert all(a % 4096 == 0 for a in addresses) and len(addresses) == 2
     del grads
     assert fastbnf.cached_bytes() == 2 * 400_000
 
-    grads = K.sample_backward_kernel(
-        torch.ones(100_000), torch.ones(()), means, logvars, torch.tensor([1, 0]), False, 1.0,
-        None, None,
-    )
+    grads = K.sample_backward_kernel(*args, None, None)
     assert {g.data_ptr() for g in grads} == addresses and fastbnf.cached_bytes() == 0
     torch.testing.assert_close(grads[0], torch.ones(100_000))
     del grads
