@@ -329,8 +329,11 @@ class _Kept:
         self.tensors = tuple(tensors)
         self.version = _version_sum(self.tensors)
 
-    def get(self, op: str) -> tuple[Tensor, ...]:
-        if _version_sum(self.tensors) != self.version:
+    def get(self, op: str, version: int | None = None) -> tuple[Tensor, ...]:
+        r"""The tensors, after the in-place check; ``version`` is their current version sum,
+        when the caller has it already."""
+
+        if (_version_sum(self.tensors) if version is None else version) != self.version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: a mean or log-variance read by fastbnf::{op} changed between "
@@ -375,14 +378,16 @@ class _Sample(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         (rng_state,) = ctx.saved_tensors
-        tensors = ctx.kept.get("sample")
+        version = _version_sum(ctx.kept.tensors)
+        tensors = ctx.kept.get("sample", version)
         means, logvars = tensors[: ctx.count], tensors[ctx.count :]
         *grad_samples, grad_kl, _ = grads
         grad_theta = _flatten(grad_samples, ctx.n) if ctx.split else grad_samples[0]
 
         if ctx.link is not None:
-            # The linked KL's backward, which runs next, computes the gradients of both.
-            ctx.link.stash = (grad_theta, rng_state, means, logvars)
+            # The linked KL's backward, which runs next, computes the gradients of both. The
+            # KL read the same tensors (Link.take), so this version sum serves its check too.
+            ctx.link.stash = (grad_theta, rng_state, means, logvars, version)
             return None, None, None, None, grad_kl.new_zeros(())
 
         grads = _sample_backward(grad_theta, grad_kl, means, logvars, rng_state, *ctx.options)
@@ -455,17 +460,17 @@ class _KL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl, *_):
-        stash, none = None, [None] * (2 * ctx.count)
+        stash = None
         if ctx.link is not None:
             stash, ctx.link.stash = ctx.link.stash, None
 
         if stash is not None:
             # The tensors the sample was drawn from (checked by the sample's backward); the
             # KL's own are checked only when its gradient is needed.
-            grad_theta, rng_state, means, logvars = stash
+            grad_theta, rng_state, means, logvars, version = stash
             with_kl = grad_kl is not None
             if with_kl:
-                ctx.kept.get("kl")
+                ctx.kept.get("kl", version)
             else:
                 grad_kl = grad_theta.new_zeros((), dtype=means[0].dtype)
             grads = _sample_backward(
@@ -474,7 +479,7 @@ class _KL(torch.autograd.Function):
             return None, None, *grads
 
         if grad_kl is None:
-            return None, None, *none
+            return None, None, *([None] * (2 * ctx.count))
         tensors = ctx.kept.get("kl")
         means, logvars = tensors[: ctx.count], tensors[ctx.count :]
         with _profiled("fastbnf::kl_backward"):
