@@ -55,7 +55,8 @@ def extension_kwargs(cuda: bool | None = None) -> dict:
     r"""Returns the sources and flags of the extension, for CppExtension or CUDAExtension."""
 
     cuda = with_cuda() if cuda is None else cuda
-    sources = [str(CSRC / "module.cpp"), str(CSRC / "eager_helpers.cpp"), *cpu_sources()]
+    sources = [str(CSRC / name) for name in ("module.cpp", "eager_helpers.cpp", "group.cpp")]
+    sources += cpu_sources()
     include_dirs = [str(CSRC)]
     library_dirs = []
     compile_args = {"cxx": list(CXX_FLAGS)}

@@ -93,8 +93,7 @@ class BayesianModel(nn.Module):
         self.logvars = nn.ParameterDict()
 
         for s in selected:
-            # Flat kernels read contiguous memory: a channels_last weight must not give a
-            # channels_last mean.
+            # Contiguous, so that the ops read them in place (they copy any other layout).
             self.means[s.key] = nn.Parameter(
                 torch.empty_like(s.param, memory_format=torch.contiguous_format)
             )
@@ -184,9 +183,7 @@ class BayesianModel(nn.Module):
         else:
             var, variances = float(prior_var), None
 
-        inits = [t.contiguous() for t in group.inits] if prior_mean == "init" else None
-
-        return var, variances, inits
+        return var, variances, group.inits if prior_mean == "init" else None
 
     def _stream(self) -> int:
         if self.fold_rank and dist.is_available() and dist.is_initialized():

@@ -1,10 +1,15 @@
 r"""Pure-PyTorch twins of every op.
 
 They are the fallback on any device without a compiled kernel and the oracle every kernel is
-tested against. Each works on a group in chunks of whole tensors of up to 2M elements: a
-handful of PyTorch ops per chunk, not one loop over the tensors, and temporaries of a few MB,
-which the allocator reuses, where group-sized ones would be fresh mappings on every call (a page
-fault per page and its zeroing: as slow as the work itself at 25M parameters).
+tested against. They check the same input contract as the kernels (:mod:`fastbnf._contract`)
+and perform the per-element maths of ``csrc/common/posterior_math.h`` in the same order, one
+rounding per operation, in float32 for float16, bfloat16 and float32 groups and in float64 for
+float64 ones: given the same noise, the CPU kernels agree with them bit for bit in float64.
+
+Each twin works on a group in chunks of whole tensors of up to 2M elements: a handful of
+PyTorch ops per chunk, not one loop over the tensors, and temporaries of a few MB, which the
+allocator reuses, where group-sized ones would be fresh mappings on every call (a page fault per
+page and its zeroing: as slow as the work itself at 25M parameters).
 
 The noise is drawn from a private :class:`torch.Generator` seeded by a key drawn from PyTorch's
 default CPU generator, so :func:`torch.manual_seed` and :func:`torch.random.fork_rng` reproduce
@@ -28,38 +33,54 @@ import torch
 from collections.abc import Sequence
 from torch import Tensor
 
+from ._contract import (
+    Group,
+    check_grad_kl,
+    check_grad_theta,
+    check_out_dtype,
+    check_rng_state,
+    check_samples,
+    compute_dtype,
+    make_group,
+)
+
+# The constants of csrc/common/posterior_math.h and philox.h (a test checks that they agree).
 SOFTCLIP_BOUND = 18.0
+STREAM_MIX = 0x9E3779B97F4A7C15
 
 _MASK64 = (1 << 64) - 1
-_STREAM_MIX = 0x9E3779B97F4A7C15
 
 
-def softclip(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
-    r"""Returns :math:`x / \sqrt{1 + (x / b)^2}`, a smooth clip of :math:`x` to :math:`(-b, b)`."""
+def _softclip_scale(x: Tensor) -> Tensor:
+    r"""Returns :math:`q = (1 + (x / b)^2)^{-1/2}`: softclip is :math:`x q`, its slope :math:`q^3`."""
 
     # In place after the first op: group-sized temporaries are fresh pages, which cost more
-    # than the arithmetic. The order of the operations (and so the rounding) is unchanged.
-    return (x / bound).square_().add_(1).rsqrt_().mul_(x)
+    # than the arithmetic. The order of the operations (and so the rounding) is the header's.
+    return (x / SOFTCLIP_BOUND).square_().add_(1).rsqrt_()
 
 
-def softclip_grad(x: Tensor, bound: float = SOFTCLIP_BOUND) -> Tensor:
-    r"""Returns the derivative of :func:`softclip`, :math:`(1 + (x / b)^2)^{-3/2}`."""
+def softclip(x: Tensor) -> Tensor:
+    r"""Returns :math:`x / \sqrt{1 + (x / 18)^2}`, a smooth clip of :math:`x` to :math:`(-18, 18)`."""
 
-    return (x / bound).square_().add_(1).rsqrt_().pow_(3)
+    return _softclip_scale(x).mul_(x)
+
+
+def softclip_grad(x: Tensor) -> Tensor:
+    r"""Returns the derivative of :func:`softclip`, :math:`(1 + (x / 18)^2)^{-3/2}`."""
+
+    return _softclip_scale(x).pow_(3)
 
 
 # Elements per chunk (8 MB in fp32); a larger tensor makes a chunk of its own.
 _CHUNK = 1 << 21
 
 
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    r"""The tensors flat and end to end (a view for one tensor: the twins never write to it)."""
+def _flat(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    r"""The tensors flat and end to end in ``dtype``, a new tensor (the twins write to it)."""
 
-    if len(tensors) == 0:
-        return torch.empty(0)
     if len(tensors) == 1:
-        return tensors[0].reshape(-1)
-    return torch.cat([t.reshape(-1) for t in tensors])
+        return tensors[0].reshape(-1).to(dtype, copy=True)
+    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
 
 
 def _chunks(tensors: Sequence[Tensor]) -> list[tuple[slice, slice]]:
@@ -76,44 +97,43 @@ def _chunks(tensors: Sequence[Tensor]) -> list[tuple[slice, slice]]:
     return chunks
 
 
-def _part(values: Sequence | None, tensors: slice) -> Sequence | None:
-    return None if values is None else values[tensors]
+class _Prior:
+    r"""The prior of a chunk: per element (or scalar) ``1 / v``, ``log(v) - 1`` and mean,
+    rounded once from float64 to the arithmetic's dtype, as the kernels round them."""
 
+    def __init__(
+        self,
+        group: Group,
+        tensors: slice,
+        prior_var: float,
+        prior_vars: Sequence[float] | None,
+        dtype: torch.dtype,
+    ) -> None:
+        if prior_vars is None:
+            self.inv_var, self.log_var_m1 = 1.0 / prior_var, math.log(prior_var) - 1.0
+        else:
+            sizes = torch.tensor([x.numel() for x in group.logvars[tensors]], device=group.device)
+            variances = prior_vars[tensors]
 
-def _group_like(tensors: Sequence[Tensor]) -> tuple[torch.dtype, torch.device]:
-    if len(tensors) == 0:
-        return torch.get_default_dtype(), torch.device("cpu")
-    return tensors[0].dtype, tensors[0].device
+            def per_element(values):
+                return torch.tensor(values, dtype=dtype, device=group.device).repeat_interleave(
+                    sizes
+                )
 
+            self.inv_var = per_element([1.0 / v for v in variances])
+            self.log_var_m1 = per_element([math.log(v) - 1.0 for v in variances])
 
-def _prior(
-    means: Sequence[Tensor],
-    prior_var: float,
-    prior_vars: Sequence[float] | None,
-    prior_means: Sequence[Tensor] | None,
-) -> tuple[Tensor | float, Tensor | float]:
-    r"""Returns the prior mean and variance, per element where they vary per tensor."""
+        self.mean = None if group.prior_means is None else _flat(group.prior_means[tensors], dtype)
 
-    dtype, device = _group_like(means)
+    def offset(self, mu: Tensor) -> Tensor:
+        r"""``mu - m``, a new tensor."""
 
-    if prior_vars is None:
-        var = prior_var
-    else:
-        sizes = torch.tensor([m.numel() for m in means], device=device)
-        var = torch.tensor(prior_vars, dtype=dtype, device=device).repeat_interleave(sizes)
-
-    mean = 0.0 if prior_means is None else _flat(prior_means).to(dtype)
-
-    return mean, var
-
-
-def _log(x: Tensor | float) -> Tensor | float:
-    return x.log() if isinstance(x, Tensor) else math.log(x)
+        return mu.clone() if self.mean is None else mu - self.mean
 
 
 def _key(stream: int) -> int:
     seed = int(torch.empty((), dtype=torch.int64).random_())
-    seed = (seed ^ (stream * _STREAM_MIX)) & _MASK64
+    seed = (seed ^ (stream * STREAM_MIX)) & _MASK64
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
@@ -125,8 +145,19 @@ def _generator(rng_state: Tensor, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed & _MASK64)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def _noise(generator: torch.Generator, shape, dtype: torch.dtype, device) -> Tensor:
+    r"""The noise of a chunk (the tests replace it with the kernels' to compare the maths)."""
+
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def _kl_sum(mu: Tensor, lc: Tensor, prior: _Prior) -> Tensor:
+    r"""The KL of flat means and softclipped log-variances ``lc`` (left unchanged), in fp64."""
+
+    d = prior.offset(mu)
+    terms = lc.exp().add_(d.square_()).mul_(prior.inv_var).add_(prior.log_var_m1)
+    terms = terms.sub_(lc).mul_(0.5)
+    return terms.sum(dtype=torch.float64)
 
 
 def sample(
@@ -148,30 +179,40 @@ def sample(
         The flat samples, the KL (0-dim) and the ``(seed, offset)`` pair of the noise.
     """
 
-    dtype, device = _group_like(means)
-    numel = sum(m.numel() for m in means)
-    shape = (numel,) if n is None else (n, numel)
+    op = "fastbnf::sample"
+    group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
+    samples = check_samples(op, n)
+    theta_dtype = check_out_dtype(op, out_dtype, group)
+    dtype, device = compute_dtype(group.dtype), group.device
+    shape = (group.numel,) if n is None else (samples, group.numel)
 
     rng_state = torch.tensor([_key(stream), 0], dtype=torch.int64, device=device)
     generator = _generator(rng_state, device)
-    theta = torch.empty(shape, dtype=out_dtype or dtype, device=device)
+    theta = torch.empty(shape, dtype=theta_dtype, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
 
-    for tensors, elements in _chunks(means):
-        mu = _flat(means[tensors]).to(device)
-        lv = softclip(_flat(logvars[tensors]).to(device))
-        eps = torch.randn(
-            (*shape[:-1], mu.numel()), generator=generator, dtype=_compute_dtype(dtype),
-            device=device,
-        )
-        theta[..., elements] = torch.addcmul(mu, lv.div(2).exp_(), eps)
+    for tensors, elements in _chunks(group.logvars):
+        mu = _flat(group.means[tensors], dtype)
+        lc = softclip(_flat(group.logvars[tensors], dtype))
+        eps = _noise(generator, (*shape[:-1], mu.numel()), dtype, device)
+        theta[..., elements] = eps.mul_(lc.mul(0.5).exp_()).add_(mu)
         if with_kl:
-            prior = _prior(
-                means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
-            )
-            total += _kl_sum(mu, lv, *prior)
+            prior = _Prior(group, tensors, prior_var, prior_vars, dtype)
+            total += _kl_sum(mu, lc, prior)
 
-    return theta, total.to(dtype), rng_state
+    return theta, total.to(group.dtype), rng_state
+
+
+def _sums(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``G = sum_k g_k`` and ``E = sum_k g_k eps_k`` over the samples, in order."""
+
+    if g.dim() == 1:
+        return g, eps.mul_(g)
+    g_sum, ge_sum = g[0].clone(), eps[0] * g[0]
+    for k in range(1, g.shape[0]):
+        g_sum.add_(g[k])
+        ge_sum.add_(eps[k].mul_(g[k]))
+    return g_sum, ge_sum
 
 
 def sample_backward(
@@ -187,34 +228,55 @@ def sample_backward(
 ) -> tuple[Tensor, Tensor]:
     r"""Returns the flat gradients of :func:`sample` with respect to the means and log-variances."""
 
-    dtype, device = _group_like(means)
-    grad_theta = grad_theta.to(_compute_dtype(dtype))
-    generator = _generator(rng_state, device)
-    grad_mu = torch.empty(grad_theta.shape[-1], dtype=dtype, device=device)
+    op = "fastbnf::sample_backward"
+    group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
+    grad_theta = check_grad_theta(op, grad_theta, group)
+    check_rng_state(op, rng_state, group)
+    return _backward(group, grad_theta, grad_kl if with_kl else None, rng_state, prior_var,
+                     prior_vars, op)
+
+
+def _backward(
+    group: Group,
+    grad_theta: Tensor | None,
+    grad_kl: Tensor | None,
+    rng_state: Tensor | None,
+    prior_var: float,
+    prior_vars: Sequence[float] | None,
+    op: str,
+) -> tuple[Tensor, Tensor]:
+    r"""The gradients of the samples (with ``grad_theta``) and of the KL (with ``grad_kl``)."""
+
+    dtype, device = compute_dtype(group.dtype), group.device
+    if grad_kl is not None:
+        check_grad_kl(op, grad_kl, group)
+        grad_kl = grad_kl.reshape(()).to(dtype)
+    generator = None if grad_theta is None else _generator(rng_state, device)
+    grad_mu = torch.empty(group.numel, dtype=group.dtype, device=device)
     grad_logvar = torch.empty_like(grad_mu)
 
-    for tensors, elements in _chunks(means):
-        g = grad_theta[..., elements]
-        eps = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=device).to(dtype)
-        if g.dim() == 2:
-            g_mu, g_sigma = g.sum(dim=0), eps.mul_(g).sum(dim=0)
-        else:
-            g_mu, g_sigma = g, eps.mul_(g)
+    for tensors, elements in _chunks(group.logvars):
+        logvar = _flat(group.logvars[tensors], dtype)
+        q = _softclip_scale(logvar)
+        lc, slope = q * logvar, q.pow(3)
 
-        logvar = _flat(logvars[tensors]).to(device)
-        lv, slope = softclip(logvar), softclip_grad(logvar)
-        g_logvar = slope.mul(0.5).mul_(lv.div(2).exp_()).mul_(g_sigma)
+        g_sum = part = None
+        if grad_theta is not None:
+            g = grad_theta[..., elements]
+            eps = _noise(generator, g.shape, dtype, device)
+            g_sum, ge_sum = _sums(g, eps)
+            part = lc.mul(0.5).exp_().mul_(0.5).mul_(ge_sum)
 
-        if with_kl:
-            mu = _flat(means[tensors]).to(device)
-            prior = _prior(
-                means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
-            )
-            kl_mu, kl_logvar = _kl_grads(grad_kl.to(dtype), mu, lv, slope, *prior)
-            g_mu, g_logvar = kl_mu.add_(g_mu), g_logvar.add_(kl_logvar)
+        if grad_kl is not None:
+            mu = _flat(group.means[tensors], dtype)
+            prior = _Prior(group, tensors, prior_var, prior_vars, dtype)
+            kl_mu = prior.offset(mu).mul_(prior.inv_var).mul_(grad_kl)
+            g_sum = kl_mu if g_sum is None else kl_mu.add_(g_sum)
+            kl_part = lc.exp().mul_(prior.inv_var).sub_(1).mul_(0.5).mul_(grad_kl)
+            part = kl_part if part is None else part.add_(kl_part)
 
-        grad_mu[elements] = g_mu
-        grad_logvar[elements] = g_logvar
+        grad_mu[elements] = g_sum
+        grad_logvar[elements] = part.mul_(slope)
 
     return grad_mu, grad_logvar
 
@@ -228,29 +290,16 @@ def kl(
 ) -> Tensor:
     r"""Returns :math:`\mathrm{KL}(\mathcal{N}(\mu, \sigma^2) \,\|\, \mathcal{N}(m, v))` summed over a group."""
 
-    dtype, device = _group_like(means)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    group = make_group("fastbnf::kl", means, logvars, (prior_var, prior_vars, prior_means))
+    dtype = compute_dtype(group.dtype)
+    total = torch.zeros((), dtype=torch.float64, device=group.device)
 
-    for tensors, _ in _chunks(means):
-        mu = _flat(means[tensors]).to(device)
-        lv = softclip(_flat(logvars[tensors]).to(device))
-        prior = _prior(
-            means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
-        )
-        total += _kl_sum(mu, lv, *prior)
+    for tensors, _ in _chunks(group.logvars):
+        mu = _flat(group.means[tensors], dtype)
+        lc = softclip(_flat(group.logvars[tensors], dtype))
+        total += _kl_sum(mu, lc, _Prior(group, tensors, prior_var, prior_vars, dtype))
 
-    return total.to(dtype)
-
-
-def _kl_sum(mu: Tensor, lv: Tensor, prior_mean, var) -> Tensor:
-    r"""The KL of flat means and softclipped log-variances ``lv`` (left unchanged), in fp64."""
-
-    # 0.5 * (exp(lv) / v + (mu - m)^2 / v + log(v) - lv - 1), in place, in that order.
-    terms = lv.exp().div_(var).add_((mu - prior_mean).square_().div_(var))
-    terms = terms.add_(_log(var)).sub_(lv).sub_(1).mul_(0.5)
-
-    # Summed in fp64, as the kernels do, so that the twins agree to rounding.
-    return terms.sum(dtype=torch.float64)
+    return total.to(group.dtype)
 
 
 def kl_backward(
@@ -263,39 +312,17 @@ def kl_backward(
 ) -> tuple[Tensor, Tensor]:
     r"""Returns the flat gradients of :func:`kl` with respect to the means and log-variances."""
 
-    dtype, device = _group_like(means)
-    numel = sum(m.numel() for m in means)
-    grad_mu = torch.empty(numel, dtype=dtype, device=device)
-    grad_logvar = torch.empty_like(grad_mu)
-
-    for tensors, elements in _chunks(means):
-        mu = _flat(means[tensors]).to(device)
-        logvar = _flat(logvars[tensors]).to(device)
-        prior = _prior(
-            means[tensors], prior_var, _part(prior_vars, tensors), _part(prior_means, tensors)
-        )
-        grad_mu[elements], grad_logvar[elements] = _kl_grads(
-            grad_kl.to(dtype), mu, softclip(logvar), softclip_grad(logvar), *prior
-        )
-
-    return grad_mu, grad_logvar
-
-
-def _kl_grads(g: Tensor, mu: Tensor, lv: Tensor, slope: Tensor, prior_mean, var):
-    r"""The KL's gradients from flat means, softclipped log-variances ``lv`` and the softclip's
-    derivative ``slope``; ``lv`` and ``slope`` are overwritten."""
-
-    grad_mu = (mu - prior_mean).mul_(g).div_(var)
-    grad_logvar = slope.mul_(g).mul_(0.5).mul_(lv.exp_().div_(var).sub_(1))
-
-    return grad_mu, grad_logvar
+    op = "fastbnf::kl_backward"
+    group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
+    return _backward(group, None, grad_kl, None, prior_var, prior_vars, op)
 
 
 def variance(logvars: Sequence[Tensor]) -> Tensor:
     r"""Returns the flat variances :math:`\exp(\mathrm{softclip}(\log \sigma^2))` of a group."""
 
-    dtype, device = _group_like(logvars)
-    out = torch.empty(sum(v.numel() for v in logvars), dtype=dtype, device=device)
-    for tensors, elements in _chunks(logvars):
-        out[elements] = softclip(_flat(logvars[tensors]).to(device)).exp_()
+    group = make_group("fastbnf::variance", None, logvars)
+    dtype = compute_dtype(group.dtype)
+    out = torch.empty(group.numel, dtype=group.dtype, device=group.device)
+    for tensors, elements in _chunks(group.logvars):
+        out[elements] = softclip(_flat(group.logvars[tensors], dtype)).exp_()
     return out

@@ -1,8 +1,10 @@
 r"""A NumPy twin of the compiled kernels' random stream (csrc/common/philox.h).
 
-Philox4x32-10 on arrays of counters, the counter map and the float32 Box-Muller transform,
-written independently of the C++ so that the tests compare the kernels against it bit for bit
-(up to the ulps of log and sin/cos).
+Philox4x32-10 on arrays of counters, the key of a stream seed, the counter map and the float32
+Box-Muller transform, written independently of the C++ so that the tests compare the kernels
+against it (up to the ulps of log, sqrt and sinpi / cospi). It also lays out the counters of
+PyTorch's own CUDA random ops (curand_init(seed, thread, offset)), to show that fastbnf's never
+coincide with them.
 """
 
 import numpy as np
@@ -11,6 +13,10 @@ import numpy as np
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK = np.uint64(0xFFFFFFFF)
+_MASK64 = (1 << 64) - 1
+
+STREAM_MIX = 0x9E3779B97F4A7C15
+KEY_DOMAIN = 0x66617374626E6621  # "fastbnf!"
 
 
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
@@ -32,28 +38,66 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return [x.astype(np.uint32) for x in c]
 
 
-def numpy_normals(seed, offset, j):
-    r"""The normal of every flat index in ``j`` under ``(seed, offset)``, in float64."""
+def fold_stream(seed: int, stream: int) -> int:
+    return (int(seed) ^ (int(stream) * STREAM_MIX)) & _MASK64
 
-    seed, offset = int(seed) & (2**64 - 1), int(offset) & (2**64 - 1)
+
+def philox_key(stream_seed: int) -> int:
+    r"""The Philox key of a stream seed: splitmix64's finalizer of ``seed ^ KEY_DOMAIN``."""
+
+    z = (int(stream_seed) & _MASK64) ^ KEY_DOMAIN
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def philox_words(key: int, counters) -> np.ndarray:
+    r"""The 4 words of Philox4x32-10 under a 64-bit key for an array of 4-word counters,
+    shaped ``(len, 4)``."""
+
+    c = np.asarray(counters, dtype=np.uint64)
+    return np.stack(philox4x32_10(*c.T, key & 0xFFFFFFFF, key >> 32), axis=-1)
+
+
+def fastbnf_counters(blocks, offset: int) -> np.ndarray:
+    r"""fastbnf's counters: the block in words 0-1, the offset in words 2-3."""
+
+    blocks = np.asarray(blocks, dtype=np.uint64)
+    offset = np.uint64(offset)
+    return np.stack(
+        [blocks & _MASK, blocks >> np.uint64(32), np.full_like(blocks, offset & _MASK),
+         np.full_like(blocks, offset >> np.uint64(32))],
+        axis=-1,
+    )
+
+
+def curand_counters(threads, offset: int) -> np.ndarray:
+    r"""The counters of ``curand_init(seed, thread, offset)`` (PyTorch's CUDA random ops): the
+    offset / 4 in words 0-1, the thread (subsequence) in words 2-3, keyed by the seed itself."""
+
+    threads = np.asarray(threads, dtype=np.uint64)
+    block = np.uint64(offset // 4)
+    return np.stack(
+        [np.full_like(threads, block & _MASK), np.full_like(threads, block >> np.uint64(32)),
+         threads & _MASK, threads >> np.uint64(32)],
+        axis=-1,
+    )
+
+
+def numpy_normals(seed, offset, j):
+    r"""The normal of every flat index in ``j`` under ``rng_state = (seed, offset)``, in float64."""
+
+    key = philox_key(int(seed))
     j = np.asarray(j, dtype=np.uint64)
     block, lane = j >> np.uint64(2), (j & np.uint64(3)).astype(np.int64)
-    x = philox4x32_10(
-        block & _MASK,
-        block >> np.uint64(32),
-        np.full_like(block, offset & 0xFFFFFFFF),
-        np.full_like(block, offset >> 32),
-        seed & 0xFFFFFFFF,
-        seed >> 32,
-    )
-    x = np.stack(x, axis=-1)  # (len, 4)
+    x = philox_words(key, fastbnf_counters(block, int(offset) & _MASK64))
     rows = np.arange(len(j))
     a = x[rows, lane & ~1]  # the radius word of the pair
     b = x[rows, lane | 1]  # the angle word of the pair
     # In float32 as philox.h computes them: k + 0.5 rounds (to even) for k >= 2^23, and u1 can
-    # be 1.0 (then the radius is 0).
+    # be 1.0 (then the radius is 0). The angle is in half-turns, x = 2 u2, exact.
     u1 = ((a >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
     u2 = ((b >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
     radius = np.sqrt(-2.0 * np.log(u1.astype(np.float64)))
-    angle = (np.float32(6.28318530717958647692) * u2).astype(np.float64)
+    angle = np.pi * (np.float32(2.0) * u2).astype(np.float64)
     return np.where(lane % 2 == 0, radius * np.cos(angle), radius * np.sin(angle))

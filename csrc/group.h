@@ -1,0 +1,71 @@
+// The input contract of the kernel ops, checked once for the CPU and the CUDA kernels: one
+// function validates a group and builds its torch-free table (common/group_table.h). The
+// pure-PyTorch backend checks the same contract with the same messages (fastbnf/_contract.py);
+// tests/test_contract.py runs one table of bad inputs against every backend.
+//
+// The dtype contract:
+// - posterior (means, logvars, prior means): float16, bfloat16, float32 or float64. The group's
+//   dtype is that of its first tensor; a tensor of another floating dtype is converted to it
+//   (a copy), so is a non-contiguous one (made contiguous): parameters change layout and dtype
+//   after wrapping (.to(memory_format=...), load_state_dict(assign=True)).
+// - arithmetic: float32 for float16, bfloat16 and float32 groups, float64 for float64 ones.
+// - samples: the group's dtype, float16 or bfloat16 (rounded once from the arithmetic's value).
+// - gradients of the samples: any floating dtype (the group's, float16 and bfloat16 are read
+//   in place, others converted once); results: the group's dtype.
+//
+// Messages are built without iostreams (message.h): a libstdc++ that differs from the one torch
+// was built with must not turn a bad input into a crash.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/group_table.h"
+
+namespace fastbnf {
+
+// The prior arguments of an op: N(m_t, v_t) with v_t = vars[t] (or var) and m_t = means[t] (or 0).
+struct PriorArgs {
+  double var = 1.0;
+  std::optional<at::ArrayRef<double>> vars;
+  std::optional<at::TensorList> means;
+};
+
+struct Group {
+  at::ScalarType dtype = at::kFloat;
+  at::Device device{at::kCPU};
+  int64_t numel = 0;                 // N, empty tensors included (they hold nothing)
+  int64_t num_tensors = 0;           // T, empty tensors included
+  bool has_prior_means = false;
+  std::vector<TensorEntry> entries;  // the non-empty tensors, in group order
+  std::vector<at::Tensor> copies;    // the converted or contiguous copies the entries read
+};
+
+// Checks a group and builds its table. op is the public op's name ("fastbnf::sample"); means
+// is absent for the ops that read none (variance), prior for those that use no prior.
+Group make_group(const char* op, std::optional<at::TensorList> means, at::TensorList logvars,
+                 const PriorArgs* prior);
+
+// The number of samples, n or 1.
+int64_t check_samples(const char* op, std::optional<int64_t> n);
+
+// The dtype of the samples.
+at::ScalarType check_out_dtype(const char* op, std::optional<at::ScalarType> out_dtype,
+                               const Group& group);
+
+// The gradient of the samples, (N,) or (n, N), contiguous, in the group's dtype, float16 or
+// bfloat16 (others converted once).
+at::Tensor check_grad_theta(const char* op, const at::Tensor& grad_theta, const Group& group);
+
+// The KL's incoming gradient: one element on the group's device.
+void check_grad_kl(const char* op, const at::Tensor& grad_kl, const Group& group);
+
+// rng_state: int64 (seed, offset) on the group's device, contiguous.
+at::Tensor check_rng_state(const char* op, const at::Tensor& rng_state, const Group& group);
+
+// The arithmetic's dtype of a group: float32, or float64 for float64 groups.
+inline bool computes_in_double(const Group& group) { return group.dtype == at::kDouble; }
+
+}  // namespace fastbnf
