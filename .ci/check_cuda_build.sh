@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI, no GPU needed: the CUDA build of the extension compiles, links and imports, and every
-# kernel op gets a CUDA kernel; each torch-free .cu compiles with plain nvcc for sm_80 and sm_90.
+# kernel op gets a CUDA kernel; each torch-free .cu compiles with plain nvcc for sm_80 and sm_90,
+# within the kernels' register, stack, spill and f64 budget (.ci/check_kernel_resources.py).
 #
 # Uses (or creates) a venv with the CUDA build of torch, ${FASTBNF_CUDA_VENV:-.venv-cuda}; builds
 # in a scratch folder (${FASTBNF_CUDA_BUILD_DIR:-a temporary one}). The package is not installed:
@@ -46,30 +47,14 @@ PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" FASTBNF_BUILD_EXT=0 TORCH_CUDA_ARC
   MAX_JOBS=${MAX_JOBS:-2} "$py" .ci/check_cuda_ext.py "$build_dir"
 echo "extension build + kernel check: $(elapsed "$t")"
 
-echo "== torch-free .cu files with plain nvcc (sm_80, sm_90)"
+echo "== torch-free .cu files with plain nvcc (sm_80, sm_90): warnings, registers, spills, f64"
 t=$(date +%s)
-# The toolkit's include folder, for a nvcc on the path that is a wrapper script.
-mapfile -t includes < <(PYTHONPATH="$repo" "$py" -c "
-from fastbnf import _build_cuda as b
-root = b.cuda_toolkit_root()
-print(root / 'include' if root else '')" 2>/dev/null | sed '/^$/d')
-inc_flags=(-I"$repo/csrc")
-for d in "${includes[@]}"; do inc_flags+=(-I"$d"); done
-mapfile -t cu_files < <(find csrc -name '*.cu' | sort)
-pids=()
-for f in "${cu_files[@]}"; do
-  for arch in 80 90; do
-    obj="$build_dir/nvcc-check-$(basename "$f" .cu)-sm$arch.o"
-    nvcc -std=c++17 -O3 "${inc_flags[@]}" -gencode "arch=compute_$arch,code=sm_$arch" \
-      -Werror all-warnings -c "$f" -o "$obj" &
-    pids+=($!)
-  done
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-if [[ $status != 0 ]]; then
-  echo "check_cuda_build: nvcc failed" >&2
+# Compiles each .cu with -Werror all-warnings and --resource-usage, prints the table of every
+# kernel and fails on a float kernel over 64 registers, with a stack frame or spills, or with
+# f64 arithmetic besides the adds of the KL's partial sums.
+if ! MAX_JOBS=${MAX_JOBS:-2} python3 .ci/check_kernel_resources.py; then
+  echo "check_cuda_build: the kernel resource check failed" >&2
   exit 1
 fi
-echo "nvcc ${#cu_files[@]} file(s) x 2 archs: $(elapsed "$t")"
+echo "kernel resource check: $(elapsed "$t")"
 echo "check_cuda_build: ok in $(elapsed "$t0")"

@@ -1,9 +1,12 @@
 // Torch-free interface of the fused CUDA kernels (fused_ops.cu).
 //
-// A group of T tensors is described by a table that lives in device memory: int64 starts[T + 1]
-// (flat offset of each tensor in the group, starts[T] = N) followed by TensorDesc descs[T]. The
-// launcher builds it on the host with fill_table() and keeps it on the device while the data
-// pointers are unchanged, so that one launch covers any number of tensors.
+// A group is described by a table in device memory, built on the host once per group (the
+// launcher caches it while the data pointers are unchanged):
+//   DeviceTensor tensors[T]   one per non-empty tensor (group_table.h's TensorEntry, plus the
+//                             end of its flat range and whether it can be read 4 at a time)
+//   int32_t tile_first[tiles] the first tensor of each tile of kTileElements flat elements
+// so that a kernel resolves the tensor of a tile once (ATen's multi_tensor_apply and apex build
+// the same kind of map), and one launch covers any number of tensors.
 #pragma once
 
 #include <cstddef>
@@ -11,26 +14,40 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/group_table.h"
+
 namespace fastbnf {
 namespace cuda {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-struct TensorDesc {
+// Elements of a tile: the unit of the tile map, of the grid-stride loop and of the KL's partial
+// sums (so the KL does not depend on the grid or the number of SMs). 256 threads x 2 groups of
+// 4 elements x 2 rounds.
+constexpr int64_t kTileElements = 4096;
+
+struct DeviceTensor {
   const void* mean;
   const void* logvar;
-  const void* prior_mean;  // null: prior mean 0
-  int64_t numel;
-  double prior_var;
-  double log_prior_var;
-  int32_t vec_ok;  // mean, logvar (and prior_mean) aligned for 4-element vector loads
+  const void* prior_mean;  // null: the prior mean is 0
+  int64_t begin;           // flat range [begin, end) of the tensor in the group
+  int64_t end;
+  double inv_prior_var;
+  double log_prior_var_m1;
+  int32_t vec;  // begin % 4 == 0 and every pointer aligned for 4-element vector loads
   int32_t pad;
 };
+static_assert(sizeof(DeviceTensor) == 64, "DeviceTensor is 64 bytes");
 
-// Bytes of the device table of T tensors, and its host image.
-size_t table_bytes(int64_t num_tensors);
-// Writes starts (from descs[t].numel) and descs into host (table_bytes(T) bytes); returns N.
-int64_t fill_table(void* host, const TensorDesc* descs, int64_t num_tensors);
+int64_t num_tiles(int64_t numel);
+// Bytes of the device table of a group (tensors, then the tile map).
+size_t table_bytes(int64_t num_tensors, int64_t numel);
+// Bytes of the tensors part alone (what identifies a table: the tile map follows from it).
+size_t tensors_bytes(int64_t num_tensors);
+// Writes the tensors part (elem_size: bytes of one element of the group's dtype).
+void fill_tensors(void* host, const TensorEntry* entries, int64_t num_tensors, size_t elem_size);
+// Writes the tile map after the tensors part (host holds table_bytes(num_tensors, numel)).
+void fill_tile_map(void* host, const TensorEntry* entries, int64_t num_tensors, int64_t numel);
 
 // The Philox key of a forward call, the pieces of at::PhiloxCudaState (unpacked in the kernel
 // as at::cuda::philox::unpack does, so that a captured CUDA graph reads fresh values per replay).
@@ -48,40 +65,45 @@ enum class ForwardMode : int32_t { kSample = 0, kKL = 1, kVariance = 2 };
 
 struct ForwardArgs {
   DType dtype = DType::kFloat32;      // of means, logvars, prior means, kl and variance
-  DType out_dtype = DType::kFloat32;  // of theta
+  DType out_dtype = DType::kFloat32;  // of theta: dtype, float16 or bfloat16
   const void* table = nullptr;        // device table
-  int64_t num_tensors = 0;
-  int64_t numel = 0;      // N
-  int64_t samples = 1;    // rows of theta (kSample)
+  int64_t num_tensors = 0;            // non-empty tensors (entries of the table)
+  int64_t numel = 0;                  // N
+  int64_t samples = 1;                // rows of theta (kSample)
   ForwardMode mode = ForwardMode::kSample;
-  bool with_kl = false;   // kSample: also the KL (kKL: always)
-  void* out = nullptr;    // theta (samples, N) or the variance (N)
-  void* kl = nullptr;     // 0-dim, dtype; written in kSample and kKL modes
-  int64_t* rng_state = nullptr;  // int64[2] (seed, offset), written in kSample mode
+  bool with_kl = false;          // kSample: also the KL (kKL: always)
+  bool with_prior_means = false;
+  void* out = nullptr;           // theta (samples, N) or the variance (N)
+  void* kl = nullptr;            // 0-dim, dtype; written in kSample and kKL modes
+  int64_t* rng_state = nullptr;  // int64[2] (stream seed, offset), written in kSample mode
   PhiloxArgs rng;
   void* workspace = nullptr;  // forward_workspace_bytes(numel) bytes of device memory
-  int num_sms = 1;
 };
 
 struct BackwardArgs {
-  DType dtype = DType::kFloat32;       // of means, logvars, prior means, grad_kl, grads
-  DType grad_dtype = DType::kFloat32;  // of grad_theta
+  DType dtype = DType::kFloat32;       // of means, logvars, prior means, grads
+  DType grad_dtype = DType::kFloat32;  // of grad_theta: dtype, float16 or bfloat16
+  DType grad_kl_dtype = DType::kFloat32;
   const void* table = nullptr;
   int64_t num_tensors = 0;
   int64_t numel = 0;
-  int64_t samples = 0;                  // rows of grad_theta; 0: KL backward only
-  const void* grad_theta = nullptr;     // (samples, N), contiguous
-  const void* grad_kl = nullptr;        // 0-dim, dtype; read when with_kl
+  int64_t samples = 0;                 // rows of grad_theta; 0: the KL's backward alone
+  const void* grad_theta = nullptr;    // (samples, N), contiguous
+  const void* grad_kl = nullptr;       // one element of grad_kl_dtype; read when with_kl
   bool with_kl = false;
-  const int64_t* rng_state = nullptr;   // device int64[2]
-  void* grad_mean = nullptr;            // (N,)
-  void* grad_logvar = nullptr;          // (N,)
-  int num_sms = 1;
+  bool with_prior_means = false;
+  const int64_t* rng_state = nullptr;  // device int64[2]
+  void* grad_mean = nullptr;           // (N,)
+  void* grad_logvar = nullptr;         // (N,)
 };
 
+// Bytes of the forward's workspace: the reduction's counter and one double per tile.
 size_t forward_workspace_bytes(int64_t numel);
+// Bytes at the start of the workspace that must be zero before a launch that computes the KL.
+size_t forward_workspace_zero_bytes();
 
-// Enqueue on stream; return the error of the non-kernel calls (the caller checks the launch).
+// Enqueue on stream (one kernel; the forward with a KL also a memset of the counter); return the
+// error of the non-kernel calls (the caller checks the launch).
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream);
 
