@@ -95,15 +95,22 @@ class TableCache {
     }
     if (!capturing) evict();
     const size_t bytes = cuda::table_bytes(count, group.numel);
-    at::Tensor host = at::empty({static_cast<int64_t>(bytes)},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    at::Tensor host;
+    {
+      // Pinned memory may come from cudaHostAlloc, which a capture in the global mode forbids
+      // (PyTorch relaxes the mode the same way around its own allocations).
+      const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      host = at::empty({static_cast<int64_t>(bytes)},
+                       at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    }
     std::memcpy(host.data_ptr(), key.data() + sizeof(Header), cuda::tensors_bytes(count));
     cuda::fill_tile_map(host.data_ptr(), group.entries.data(), count, group.numel);
     at::Tensor dev = at::empty({static_cast<int64_t>(bytes)},
                                at::TensorOptions().dtype(at::kByte).device(group.device));
-    // Pinned source and non_blocking: an asynchronous copy on the current stream (also valid
-    // under capture; the host image lives as long as the entry).
-    dev.copy_(host, /*non_blocking=*/true);
+    // Asynchronous from pinned memory on the current stream; under capture, a memcpy node of
+    // the graph (the host image lives as long as the entry, forever once pinned).
+    C10_CUDA_CHECK(cudaMemcpyAsync(dev.data_ptr(), host.data_ptr(), bytes,
+                                   cudaMemcpyHostToDevice, stream));
     cudaEvent_t uploaded = nullptr;
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&uploaded, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventRecord(uploaded, stream));
@@ -139,9 +146,10 @@ class TableCache {
         ++it;
         continue;
       }
-      // Not capturing: destroying an event whose work is pending is fine (it is released
-      // when done).
-      (void)cudaEventDestroy(entry->second.uploaded);
+      // Not capturing: the upload must be done before its pinned host image goes back to
+      // the host allocator (almost always long done).
+      C10_CUDA_CHECK(cudaEventSynchronize(entry->second.uploaded));
+      C10_CUDA_CHECK(cudaEventDestroy(entry->second.uploaded));
       entries_.erase(entry);
       it = lru_.erase(it);
     }
