@@ -25,7 +25,9 @@ prior_vars, prior_means)``
     the flat ``exp(softclip(logvar, 18))``, for the local reparameterization trick.
 
 The prior of tensor t is ``N(m_t, v_t)`` with ``v_t = prior_vars[t]`` (or ``prior_var``) and
-``m_t = prior_means[t]`` (or 0). All tensors must be contiguous.
+``m_t = prior_means[t]`` (or 0). Every backend checks the same input contract (dtypes, shapes,
+devices, prior arguments; ``csrc/group.h`` and its twin :mod:`fastbnf._contract`), with the same
+messages, and computes the per-element maths of ``csrc/common/posterior_math.h``.
 """
 
 __all__ = ["KERNEL_SUFFIX", "OP_NAMES", "SCHEMAS"]

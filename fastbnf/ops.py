@@ -523,7 +523,9 @@ def sample(
     r"""Samples a group of parameters from their posterior, and optionally the KL.
 
     Arguments:
-        means: The posterior means of the group's tensors (one device, one dtype, contiguous).
+        means: The posterior means of the group's tensors, on one device. Their dtype is the
+            first one's (float16, bfloat16, float32 or float64); others are converted, and
+            non-contiguous tensors copied.
         logvars: Their posterior log-variances, alike.
         n: The number of samples, or :py:`None` for one sample without a leading dim.
         out_dtype: The dtype of the samples, by default the group's.

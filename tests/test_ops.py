@@ -185,7 +185,8 @@ def test_no_per_element_tensor_kept_for_backward(backend):
     assert sum(kept.values()) <= 16  # the (seed, offset) pair
 
 
-# Statistics of the noise: a counter-reuse bug shows only here.
+# Statistics of the noise: a counter-reuse bug shows only here. Each test seeds the generator:
+# a bound that fails by chance with probability 1e-3 then fails always or never.
 
 
 def noise(n=None, shapes=((400, 250), (100_000,)), dtype=torch.float64):
@@ -207,6 +208,7 @@ def correlation(a, b) -> float:
 
 
 def test_noise_is_standard_normal(backend):
+    torch.manual_seed(0)
     eps = noise()
     n = eps.numel()
 
@@ -216,6 +218,7 @@ def test_noise_is_standard_normal(backend):
 
 
 def test_noise_is_uncorrelated(backend):
+    torch.manual_seed(0)
     eps = noise()
     first, second = eps[:100_000], eps[100_000:]
     bound = 5 / math.sqrt(100_000)
@@ -227,6 +230,7 @@ def test_noise_is_uncorrelated(backend):
 
 
 def test_noise_is_independent_across_samples(backend):
+    torch.manual_seed(0)
     eps = noise(n=4, shapes=((50_000,),))
     bound = 5 / math.sqrt(50_000)
 
