@@ -51,11 +51,12 @@ void check_cuda(const char* op, const Group& group) {
 // reuses the same parameters every step, so a table is built and uploaded once.
 // - Streams: the upload is followed by an event; a call on another stream waits on it (and the
 //   allocator is told that stream reads the table, recordStream).
-// - CUDA graph capture: a call under capture uses a table made under the same capture (its
-//   upload is a node of the graph, so it runs before the kernels on every replay; a hit from
-//   another stream of the capture waits on the event, an edge of the graph). Such a table is
-//   never served to an eager call or to another capture, and every table a capture used is
-//   pinned: the graph keeps reading it on every replay.
+// - CUDA graph capture: a call under capture uses an eagerly made table whose upload is done
+//   (an event query), or else a table made under the same capture (its upload is a node of the
+//   graph, so it runs before the kernels on every replay; a hit from another stream of the
+//   capture waits on the event, an edge of the graph). A table made under capture is never
+//   served to an eager call or to another capture, and every table a capture used is pinned:
+//   the graph keeps reading it on every replay.
 class TableCache {
  public:
   const void* get(const Group& group, cudaStream_t stream) {
@@ -68,13 +69,24 @@ class TableCache {
       C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture_id));
     }
     const size_t elem_size = at::elementSize(group.dtype);
-    const Header header{group.device.index(), capture_id, group.numel,
-                        static_cast<int64_t>(elem_size)};
+    Header header{group.device.index(), 0, group.numel, static_cast<int64_t>(elem_size)};
     std::string key(sizeof(Header) + cuda::tensors_bytes(count), '\0');
     std::memcpy(key.data(), &header, sizeof(Header));
     cuda::fill_tensors(key.data() + sizeof(Header), group.entries.data(), count, elem_size);
 
     std::lock_guard<std::mutex> lock(mutex_);
+    if (capturing) {
+      // An eagerly made table whose upload is done (torch.cuda.graph synchronizes before a
+      // capture) serves the graph as it is, without a copy per replay; pinned from now on.
+      auto eager = entries_.find(key);
+      if (eager != entries_.end() && upload_done(eager->second)) {
+        eager->second.pinned = true;
+        lru_.splice(lru_.end(), lru_, eager->second.position);
+        return eager->second.device_table.data_ptr();
+      }
+      header.capture_id = capture_id;
+      std::memcpy(key.data(), &header, sizeof(Header));
+    }
     auto found = entries_.find(key);
     if (found != entries_.end()) {
       Entry& entry = found->second;
@@ -115,7 +127,7 @@ class TableCache {
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&uploaded, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventRecord(uploaded, stream));
     lru_.push_back(key);
-    Entry entry{host, dev, stream, uploaded, capturing, std::prev(lru_.end())};
+    Entry entry{host, dev, stream, uploaded, capturing, false, std::prev(lru_.end())};
     const void* ptr = dev.data_ptr();
     entries_.emplace(std::move(key), std::move(entry));
     return ptr;
@@ -135,8 +147,26 @@ class TableCache {
     cudaStream_t stream;    // of the upload
     cudaEvent_t uploaded;   // recorded after the upload
     bool pinned;            // made or used under capture: never evicted
+    bool done;              // the upload is known to be complete
     std::list<std::string>::iterator position;
   };
+
+  // Whether an eagerly made table's upload is complete (an event query, allowed under capture
+  // in the relaxed mode: the event was recorded outside any capture).
+  static bool upload_done(Entry& entry) {
+    if (entry.done) return true;
+    cudaError_t status;
+    {
+      const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      status = cudaEventQuery(entry.uploaded);
+    }
+    if (status == cudaSuccess) {
+      entry.done = true;
+      return true;
+    }
+    (void)cudaGetLastError();  // cudaErrorNotReady, or a query the capture refused
+    return false;
+  }
 
   void evict() {
     auto it = lru_.begin();
