@@ -1,11 +1,15 @@
-// Vectorizable float32 building blocks of the CPU kernels: Philox batches, log, sin/cos, exp.
+// Vectorizable building blocks of the CPU kernels: Philox batches, log, sinpi/cospi, exp.
 //
 // Everything here is plain C++ that GCC and Clang vectorize inside `#pragma omp simd` loops, so
 // neither -ffast-math nor libmvec is needed: -ffast-math in a shared object's link line turns on
-// flush-to-zero for the whole process, and libmvec exists only on glibc/x86-64. The polynomials are Cephes' (about 1-2 ulp on the ranges used), so the
-// normals agree with philox.h's libm-based `normal4` to a few ulp: the same stream.
+// flush-to-zero for the whole process, and libmvec exists only on glibc/x86-64. log and exp are
+// Cephes' polynomials, sinpi/cospi a Taylor polynomial after an exact reduction (about 1 ulp on
+// the ranges used), so the normals agree with philox.h's libm-based `normal4` to a few ulp: the
+// same stream. The float64 exp is PyTorch's own (MKL's, exported by libtorch_cpu), so that the
+// float64 kernels round exactly like torch.exp.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -86,28 +90,34 @@ FASTBNF_INLINE float log_poly(float x) {
   return madd<kFma>(0.693359375f, fe, f + y);
 }
 
-// sin and cos of x in [0, 2 pi] (Cephes sinf/cosf with an octant reduction).
+// sin(pi x) and cos(pi x) for x in [0, 2], the angle in half-turns (philox.h's Box-Muller).
+// The reduction is exact: j = round(2 x), r = x - j / 2 in [-1/4, 1/4] (x is a multiple of
+// 2^-24 below 2, so r is a float). Then sin(pi r) = r (pi + z S(z)) and cos(pi r) = 1 + z C(z),
+// z = r^2, Taylor through r^9 and r^10 (the first terms left out are below 3e-9 relatively);
+// pi is split in two floats so that the leading product rounds once on the FMA path.
 template <bool kFma>
-FASTBNF_INLINE void sincos_poly(float x, float* s, float* c) {
-  int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4 / pi
-  j = (j + 1) & ~1;
-  const float y = static_cast<float>(j);
-  const float r =
-      ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
-  const int32_t q = (j >> 1) & 3;
+FASTBNF_INLINE void sincospi_poly(float x, float* s, float* c) {
+  const int32_t j = static_cast<int32_t>(x * 2.0f + 0.5f);  // x >= 0: truncation is floor
+  const float r = x - static_cast<float>(j) * 0.5f;
   const float z = r * r;
-  const float ps = madd<kFma>(
-      madd<kFma>(madd<kFma>(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f) * z, r,
-      r);
-  const float pc = madd<kFma>(
-      madd<kFma>(madd<kFma>(2.443315711809948e-5f, z, -1.388731625493765e-3f), z,
-                 4.166664568298827e-2f),
-      z * z, madd<kFma>(-0.5f, z, 1.0f));
+  constexpr float kPiHi = 3.14159274101257324f;      // float(pi)
+  constexpr float kPiLo = -8.74227801261895400e-08f;  // pi - kPiHi
+  float ps = madd<kFma>(z, 8.21458866111281929e-02f, -5.99264529320791896e-01f);  // pi^9/9!, pi^7/7!
+  ps = madd<kFma>(ps, z, 2.55016403987734498e+00f);                               // pi^5/5!
+  ps = madd<kFma>(ps, z, -5.16771278004996947e+00f);                              // pi^3/3!
+  ps = madd<kFma>(ps, z, kPiLo);
+  const float sn = madd<kFma>(r, kPiHi, r * ps);
+  float pc = madd<kFma>(z, -2.58068913900140499e-02f, 2.35330630358893123e-01f);  // pi^10/10!, pi^8/8!
+  pc = madd<kFma>(pc, z, -1.33526276885458927e+00f);                              // pi^6/6!
+  pc = madd<kFma>(pc, z, 4.05871212641676823e+00f);                               // pi^4/4!
+  pc = madd<kFma>(pc, z, -4.93480220054467931e+00f);                              // pi^2/2
+  const float cn = madd<kFma>(pc, z, 1.0f);
+  const int32_t q = j & 3;
   const bool swap = (q & 1) != 0;
-  const float sn = swap ? pc : ps;
-  const float cs = swap ? ps : pc;
-  *s = (q & 2) ? -sn : sn;
-  *c = ((q + 1) & 2) ? -cs : cs;
+  const float sv = swap ? cn : sn;
+  const float cv = swap ? sn : cn;
+  *s = (q & 2) ? -sv : sv;
+  *c = ((q + 1) & 2) ? -cv : cv;
 }
 
 // exp(x) for |x| <= 80 (Cephes expf: x = n ln2 + r, degree-5 polynomial, 2^n by bits).
@@ -129,6 +139,25 @@ FASTBNF_INLINE float exp_poly(float x) {
   return p * as_f32(static_cast<uint32_t>(n + 127) << 23);
 }
 
+// torch.exp of float64 on PyTorch's x86-64 builds is MKL's vmdExp in its high-accuracy mode
+// (aten/src/ATen/cpu/vml.h), which libtorch_cpu exports; measured bitwise equal to torch.exp on
+// tensors of any size and layout, where libm's exp differs in about 5% of the values and
+// SLEEF's 1-ulp exp in about 8%. Declared weak: a torch built without MKL leaves it null, and
+// libm's exp stands in (within 1 ulp).
+extern "C" __attribute__((weak)) void vmdExp(int n, const double* a, double* r, long long mode);
+
+// VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, PyTorch's mode.
+constexpr long long kVmlMode = 0x00000002LL | 0x00140000LL | 0x00000100LL;
+
+// exp of m <= 64 doubles, from in to out: PyTorch's (bitwise) where it is MKL's.
+inline void exp_array(const double* in, double* out, int m) {
+  if (vmdExp != nullptr) {
+    vmdExp(m, in, out, kVmlMode);
+  } else {
+    for (int e = 0; e < m; ++e) out[e] = std::exp(in[e]);
+  }
+}
+
 // philox.h's uniform24 through a signed conversion (the value is below 2^24), which vectorizes.
 FASTBNF_INLINE float uniform24v(uint32_t x) {
   return (static_cast<float>(static_cast<int32_t>(x >> 8)) + 0.5f) * 5.9604644775390625e-08f;
@@ -146,12 +175,14 @@ FASTBNF_INLINE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint3
   c2 = n2;
 }
 
-// The key and the offset half of the counter of one (seed, offset) stream.
+// The round keys and the offset half of the counter of one rng_state = (stream_seed, offset):
+// the key is philox.h's philox_key(stream_seed).
 struct PhiloxKey {
   uint32_t k0[10], k1[10];
   uint32_t c2, c3;
-  PhiloxKey(uint64_t seed, uint64_t offset) {
-    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+  PhiloxKey(uint64_t stream_seed, uint64_t offset) {
+    const uint64_t key = philox_key(stream_seed);
+    uint32_t a = static_cast<uint32_t>(key), b = static_cast<uint32_t>(key >> 32);
     for (int r = 0; r < 10; ++r) {
       k0[r] = a;
       k1[r] = b;
@@ -263,8 +294,8 @@ FASTBNF_INLINE void box_muller_batch(float* __restrict out, const uint32_t* __re
     const float ra = __builtin_sqrtf(-2.0f * log_poly<kFma>(uniform24v(x0[l])));
     const float rb = __builtin_sqrtf(-2.0f * log_poly<kFma>(uniform24v(x2[l])));
     float sa, ca, sb, cb;
-    sincos_poly<kFma>(kTwoPi * uniform24v(x1[l]), &sa, &ca);
-    sincos_poly<kFma>(kTwoPi * uniform24v(x3[l]), &sb, &cb);
+    sincospi_poly<kFma>(2.0f * uniform24v(x1[l]), &sa, &ca);
+    sincospi_poly<kFma>(2.0f * uniform24v(x3[l]), &sb, &cb);
     out[4 * l + 0] = ra * ca;
     out[4 * l + 1] = ra * sa;
     out[4 * l + 2] = rb * cb;

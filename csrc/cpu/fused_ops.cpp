@@ -1,34 +1,46 @@
-// Fused CPU kernels of the fastbnf kernel ops (contract: csrc/README.md).
+// Fused CPU kernels of the fastbnf kernel ops (contract: csrc/README.md, csrc/group.h).
 //
 // One pass over the flat index space of the group per call. The space is cut into chunks of
 // kChunk elements at fixed global positions, whatever the thread count; at::parallel_for hands
-// out whole chunks. A chunk finds the tensors it overlaps in the pointer table, draws its normals
+// out whole chunks. A chunk finds the tensors it overlaps in the group's table, draws its normals
 // into a thread-local scratch buffer (L1/L2 resident) and runs the vectorized epilogue per
-// tensor piece. The KL of chunk c is an fp64 partial sum of its elements, in element order, and
-// the partials are added in chunk order: the KL is the same for any number of threads.
+// tensor piece, in blocks of kBlock elements. The per-element maths is posterior_math.h's, with
+// the policy of this file (exp: cpu_math.h's polynomial in float32, PyTorch's SLEEF exp in
+// float64; rsqrt: 1 / sqrt, as PyTorch's CPU rsqrt). The KL terms of a block are added in float
+// lanes (8 lanes in a fixed order, whatever the vector width) and the lanes in double; a chunk's
+// partial is its blocks' sum in order and the partials are added in chunk order: the KL is the
+// same for any number of threads, and the same from sample_kernel as from kl_kernel.
+//
+// Dtypes: the group's storage type T is float16, bfloat16, float32 or float64; the arithmetic's
+// type S is float32, or float64 for float64 groups. theta is stored as T, float16 or bfloat16,
+// gradients of theta are read as T, float16 or bfloat16; gradients and variances are stored as T.
 //
 // Build flags (fastbnf/_build.py): -O3 -fopenmp -fno-math-errno -ffp-contract=off, and no
 // -ffast-math. With PyTorch's OpenMP backend (Linux wheels) at::parallel_for is inline code whose
 // `omp parallel` runs serially unless this file is built with -fopenmp (the symbols resolve to the
 // libgomp that libtorch_cpu loads); where PyTorch uses its native pool (macOS), -fopenmp-simd is
-// enough. -fno-math-errno lets sqrt vectorize. -ffp-contract=off keeps softclip, theta and the
-// KL terms rounding like PyTorch (softclip near its bound turns one ulp into 18 ulp of the
-// variance); only the polynomials of cpu_math.h use FMA, explicitly, on the AVX2 path.
+// enough. -fno-math-errno lets sqrt vectorize. -ffp-contract=off keeps every operation of
+// posterior_math.h rounding once, like PyTorch's (softclip near its bound turns one ulp into 18
+// ulp of the variance); only the polynomials of cpu_math.h use FMA, explicitly, on the AVX2 path.
 #include "fused_ops.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Generator.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <mutex>
-#include <string>
+#include <type_traits>
 #include <vector>
 
+#include "../common/posterior_math.h"
+#include "../group.h"
 #include "buffer_pool.h"
 #include "cpu_math.h"
 
@@ -43,15 +55,22 @@ namespace fastbnf {
 namespace cpu {
 namespace {
 
-// Chunk of the flat index space: the unit of parallel work and of the KL's fp64 partials.
+namespace P = ::fastbnf::posterior;
+
+// Chunk of the flat index space: the unit of parallel work and of the KL's partials.
 constexpr int64_t kChunk = 4096;
 // Chunks below which a call stays on the calling thread.
 constexpr int64_t kGrainChunks = 8;
+// Elements per block of a tensor piece: the float64 exps' scratch and the KL's lane sums.
+constexpr int kBlock = 64;
+// Float lanes of the KL's block sums.
+constexpr int kLanes = 8;
 
-constexpr double kSoftclipBound = 18.0;
+// Bit t set: thread t of at::parallel_for ran chunks of the last call (see threads_used()).
+std::atomic<uint64_t> g_threads_mask{0};
 
 // ---------------------------------------------------------------------------------------------
-// Scalar conversions that vectorize (c10's Half conversion does not).
+// Storage types and scalar conversions that vectorize (c10's Half conversion does not).
 
 template <typename T>
 struct Storage {
@@ -65,9 +84,15 @@ template <>
 struct Storage<c10::Half> {
   using type = uint16_t;
 };
+template <typename T>
+using St = typename Storage<T>::type;
+
+// The arithmetic's type of a storage type.
+template <typename T>
+using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename out_t, typename S>
-FASTBNF_INLINE typename Storage<out_t>::type store_as(S x) {
+FASTBNF_INLINE St<out_t> store_as(S x) {
   if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
     // c10's round_to_nearest_even, branch-free.
     const float f = static_cast<float>(x);
@@ -89,7 +114,7 @@ FASTBNF_INLINE typename Storage<out_t>::type store_as(S x) {
 }
 
 template <typename S, typename in_t>
-FASTBNF_INLINE S load_as(typename Storage<in_t>::type x) {
+FASTBNF_INLINE S load_as(St<in_t> x) {
   if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
     return static_cast<S>(as_f32(static_cast<uint32_t>(x) << 16));
   } else if constexpr (std::is_same_v<in_t, c10::Half>) {
@@ -107,125 +132,108 @@ FASTBNF_INLINE S load_as(typename Storage<in_t>::type x) {
   }
 }
 
-template <bool kFma>
-FASTBNF_INLINE float exp_s(float x) {
-  return exp_poly<kFma>(x);
-}
-template <bool kFma>
-FASTBNF_INLINE double exp_s(double x) {
-  return std::exp(x);
+// ---------------------------------------------------------------------------------------------
+// The policies of posterior_math.h.
+
+// float32: cpu_math.h's exp polynomial (FMA on the AVX2 path), inline in the vectorized loops.
+template <bool kAvx2>
+struct FloatMath {
+  static FASTBNF_INLINE float exp(float x) { return exp_poly<kAvx2>(x); }
+  static FASTBNF_INLINE float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
+};
+
+// float64: the exps are taken over a block's array afterwards (cpu_math.h's exp_array, PyTorch's
+// own exp); in the vectorized loop this policy's exp hands out the argument.
+struct DoubleArgs {
+  static FASTBNF_INLINE double exp(double x) { return x; }
+  static FASTBNF_INLINE double rsqrt(double x) { return 1.0 / __builtin_sqrt(x); }
+};
+
+// Runs tail(e, q, lc, s, v) for the m <= kBlock elements of a block of log-variances, with
+// q = softclip_scale(l), lc = softclip(l), s = sigma(lc) (when kS) and v = variance(lc) (when
+// kV). Float32: one vectorized loop. Float64: the softclip, the exps over arrays, then the tail.
+template <bool kAvx2, typename T, bool kS, bool kV, class Tail>
+FASTBNF_INLINE void for_block(const St<T>* __restrict lv, int m, const Tail& tail) {
+  using S = Compute<T>;
+  if constexpr (std::is_same_v<S, float>) {
+    using M = FloatMath<kAvx2>;
+    FASTBNF_SIMD
+    for (int e = 0; e < m; ++e) {
+      const S l = load_as<S, T>(lv[e]);
+      const S q = P::softclip_scale<M>(l);
+      const S lc = P::softclip(l, q);
+      S s = 0, v = 0;
+      if constexpr (kS) s = P::sigma<M>(lc);
+      if constexpr (kV) v = P::variance<M>(lc);
+      tail(e, q, lc, s, v);
+    }
+  } else {
+    using M = DoubleArgs;
+    alignas(32) S qb[kBlock], lcb[kBlock], sb[kBlock], vb[kBlock];
+    FASTBNF_SIMD
+    for (int e = 0; e < m; ++e) {
+      const S l = load_as<S, T>(lv[e]);
+      const S q = P::softclip_scale<M>(l);
+      const S lc = P::softclip(l, q);
+      qb[e] = q;
+      lcb[e] = lc;
+      if constexpr (kS) sb[e] = P::sigma<M>(lc);     // the argument of its exp
+      if constexpr (kV) vb[e] = P::variance<M>(lc);  // likewise
+    }
+    if constexpr (kS) exp_array(sb, sb, m);  // in place (MKL's VM functions allow it)
+    if constexpr (kV) exp_array(vb, vb, m);
+    FASTBNF_SIMD
+    for (int e = 0; e < m; ++e) tail(e, qb[e], lcb[e], sb[e], vb[e]);
+  }
 }
 
-// softclip(l, 18) = l * q with q = 1 / sqrt(1 + (l / 18)^2), whose derivative is q^3. The same
-// operations, in the same order, as PyTorch's `x * (1 + (x / 18).square()).rsqrt()` (zuko and
-// fastbnf.reference): with the build's -ffp-contract=off they round alike, which matters since
-// exp(softclip) near the bound turns one ulp of softclip into 18 ulp of the variance.
+// The KL terms of a chunk: each block's terms in kLanes lanes of S (term e to lane e % kLanes,
+// in order), the lanes then added in double into 4 running sums. The order is fixed by the
+// code, not by the vector width: the generic and AVX2 paths sum alike.
 template <typename S>
-FASTBNF_INLINE S softclip(S l, S& q) {
-  const S t = l / static_cast<S>(kSoftclipBound);
-  q = static_cast<S>(1) / std::sqrt(static_cast<S>(1) + t * t);
-  return l * q;
-}
+struct KlSum {
+  double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+
+  // term holds kBlock values, the first m of them this block's terms.
+  FASTBNF_INLINE void add(S* __restrict term, int m) {
+    const int padded = (m + kLanes - 1) / kLanes * kLanes;
+    for (int e = m; e < padded; ++e) term[e] = 0;
+    S acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = term[l];
+    for (int g = kLanes; g < padded; g += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += term[g + l];
+    }
+    for (int l = 0; l < 4; ++l) {
+      lanes[l] += static_cast<double>(acc[l]) + static_cast<double>(acc[l + 4]);
+    }
+  }
+
+  double total() const { return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]); }
+};
 
 // ---------------------------------------------------------------------------------------------
-// The group: a table of pointers and flat offsets, empty tensors left out.
+// The group's table.
 
-struct Entry {
-  const void* mu;
-  const void* lv;
-  const void* pm;
-  double pv;
-  int64_t begin;
-  int64_t end;
-};
-
-struct Group {
-  std::vector<Entry> entries;
-  std::vector<int64_t> ends;  // entries[t].end, for the search of a chunk's first tensor
-  int64_t numel = 0;
-  at::ScalarType dtype = at::kFloat;
-  bool has_prior_means = false;
-
-  size_t first_entry(int64_t i) const {
-    return static_cast<size_t>(std::upper_bound(ends.begin(), ends.end(), i) - ends.begin());
-  }
-};
-
-void check_tensor(const char* op, const char* list, size_t t, const at::Tensor& x,
-                  at::ScalarType dtype, at::IntArrayRef sizes) {
-  TORCH_CHECK(x.defined(), op, ": ", list, "[", t, "] is undefined");
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", list, "[", t, "] is on ", x.device(),
-              ", expected cpu");
-  TORCH_CHECK(x.scalar_type() == dtype, op, ": ", list, "[", t, "] has dtype ", x.scalar_type(),
-              ", expected ", dtype, " like means[0]");
-  TORCH_CHECK(x.sizes() == sizes, op, ": ", list, "[", t, "] has shape ", x.sizes(),
-              ", expected ", sizes, " like means[", t, "]");
-  TORCH_CHECK(x.is_contiguous(), op, ": ", list, "[", t,
-              "] is not contiguous (create it with torch.contiguous_format)");
+// The first entry that ends after flat index i.
+size_t first_entry(const Group& g, int64_t i) {
+  const auto it = std::upper_bound(
+      g.entries.begin(), g.entries.end(), i,
+      [](int64_t x, const TensorEntry& e) { return x < e.begin + e.numel; });
+  return static_cast<size_t>(it - g.entries.begin());
 }
 
-void check_prior_var(const char* op, const std::string& what, double v) {
-  TORCH_CHECK(std::isfinite(v) && v > 0.0, op, ": ", what, " must be positive and finite, got ",
-              v);
+// Calls f(entry, i0, i1) for every tensor piece [i0, i1) of the flat range [a, b), in order.
+template <typename F>
+FASTBNF_INLINE void for_pieces(const Group& g, int64_t a, int64_t b, const F& f) {
+  for (size_t t = first_entry(g, a); t < g.entries.size() && g.entries[t].begin < b; ++t) {
+    const TensorEntry& e = g.entries[t];
+    f(e, std::max(a, e.begin), std::min(b, e.begin + e.numel));
+  }
 }
 
-// Validates the lists of a call and builds its table. means may be absent (variance).
-Group make_group(const char* op, std::optional<at::TensorList> means, at::TensorList logvars,
-                 double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
-                 std::optional<at::TensorList> prior_means) {
-  const size_t T = logvars.size();
-  TORCH_CHECK(T > 0, op, ": the group holds no tensors");
-  if (means) {
-    TORCH_CHECK(means->size() == T, op, ": means and logvars have different lengths (",
-                means->size(), " vs ", T, ")");
-  }
-  if (prior_vars) {
-    TORCH_CHECK(prior_vars->size() == T, op, ": prior_vars has ", prior_vars->size(),
-                " entries for ", T, " tensors");
-  }
-  if (prior_means) {
-    TORCH_CHECK(prior_means->size() == T, op, ": prior_means has ", prior_means->size(),
-                " entries for ", T, " tensors");
-  }
-  if (means) check_prior_var(op, "prior_var", prior_var);
-
-  Group g;
-  const at::Tensor& ref = means ? (*means)[0] : logvars[0];
-  TORCH_CHECK(ref.defined(), op, ": ", means ? "means[0]" : "logvars[0]", " is undefined");
-  g.dtype = ref.scalar_type();
-  TORCH_CHECK(g.dtype == at::kFloat || g.dtype == at::kDouble, op,
-              ": the group's dtype must be float32 or float64, got ", g.dtype);
-  g.has_prior_means = prior_means.has_value();
-  g.entries.reserve(T);
-  g.ends.reserve(T);
-  int64_t offset = 0;
-  for (size_t t = 0; t < T; ++t) {
-    const at::Tensor& lv = logvars[t];
-    TORCH_CHECK(lv.defined(), op, ": logvars[", t, "] is undefined");
-    const at::IntArrayRef sizes = means ? (*means)[t].sizes() : lv.sizes();
-    if (means) check_tensor(op, "means", t, (*means)[t], g.dtype, sizes);
-    check_tensor(op, "logvars", t, lv, g.dtype, sizes);
-    const void* pm = nullptr;
-    if (prior_means) {
-      check_tensor(op, "prior_means", t, (*prior_means)[t], g.dtype, sizes);
-      pm = (*prior_means)[t].data_ptr();
-    }
-    double pv = prior_var;
-    if (prior_vars) {
-      pv = (*prior_vars)[t];
-      check_prior_var(op, "prior_vars[" + std::to_string(t) + "]", pv);
-    }
-    const int64_t numel = lv.numel();
-    if (numel > 0) {
-      g.entries.push_back(
-          Entry{means ? (*means)[t].data_ptr() : nullptr, lv.data_ptr(), pm, pv, offset,
-                offset + numel});
-      g.ends.push_back(offset + numel);
-    }
-    offset += numel;
-  }
-  g.numel = offset;
-  return g;
+template <typename T>
+FASTBNF_INLINE const St<T>* at_flat(const void* base, const TensorEntry& e, int64_t i) {
+  return static_cast<const St<T>*>(base) + (i - e.begin);
 }
 
 int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
@@ -235,7 +243,12 @@ template <typename F>
 void for_chunks(int64_t numel, const F& f) {
   const int64_t chunks = num_chunks(numel);
   if (chunks == 0) return;
-  at::parallel_for(0, chunks, kGrainChunks, f);
+  g_threads_mask.store(0, std::memory_order_relaxed);
+  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
+    const int thread = at::get_thread_num();
+    g_threads_mask.fetch_or(uint64_t{1} << (thread & 63), std::memory_order_relaxed);
+    f(c0, c1);
+  });
 }
 
 double sum_in_order(const std::vector<double>& partials) {
@@ -244,60 +257,52 @@ double sum_in_order(const std::vector<double>& partials) {
   return total;
 }
 
-// Calls f(entry, i0, i1) for every tensor piece [i0, i1) of the flat range [a, b), in order.
-template <typename F>
-FASTBNF_INLINE void for_pieces(const Group& g, int64_t a, int64_t b, const F& f) {
-  for (size_t t = g.first_entry(a); t < g.entries.size() && g.entries[t].begin < b; ++t) {
-    const Entry& e = g.entries[t];
-    f(e, std::max(a, e.begin), std::min(b, e.end));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward: theta = mu + sigma * eps for sample 0, sigma kept for the other samples, KL terms.
 
-struct PriorConst {
-  double inv_pv;
-  double log_pv_m1;  // log(pv) - 1
-};
-
-FASTBNF_INLINE PriorConst prior_const(const Entry& e) {
-  return PriorConst{1.0 / e.pv, std::log(e.pv) - 1.0};
-}
-
-// One tensor piece of m elements. Returns its KL sum when kKl.
-template <bool kFma, typename S, typename out_t, bool kTheta, bool kSig, bool kKl, bool kPm>
-FASTBNF_INLINE double forward_piece(const S* __restrict mu, const S* __restrict lv,
-                                    const S* __restrict pm, const float* __restrict eps,
-                                    typename Storage<out_t>::type* __restrict theta,
-                                    S* __restrict sig, int64_t m, PriorConst pc) {
-  const S inv_pv = static_cast<S>(pc.inv_pv);
-  const S c = static_cast<S>(pc.log_pv_m1);
-  double acc = 0.0;
-  FASTBNF_SIMD_SUM(acc)
-  for (int64_t e = 0; e < m; ++e) {
-    S q;
-    const S lc = softclip(lv[e], q);
-    const S s = exp_s<kFma>(lc * static_cast<S>(0.5));
-    if constexpr (kTheta) theta[e] = store_as<out_t>(mu[e] + s * static_cast<S>(eps[e]));
-    if constexpr (kSig) sig[e] = s;
-    if constexpr (kKl) {
-      const S d = kPm ? mu[e] - pm[e] : mu[e];
-      const S v = exp_s<kFma>(lc);  // not s * s: one rounding, like the reference
-      acc += static_cast<double>(static_cast<S>(0.5) * ((v + d * d) * inv_pv + c - lc));
-    }
+// kMode 0: KL only; 1: one sample; 2: several samples (sigma kept in sig for the others).
+template <bool kAvx2, typename T, typename out_t, int kMode, bool kKl, bool kPm>
+FASTBNF_INLINE void forward_piece(const St<T>* __restrict mu, const St<T>* __restrict lv,
+                                  const St<T>* __restrict pm, const float* __restrict eps,
+                                  St<out_t>* __restrict theta, Compute<T>* __restrict sig,
+                                  int64_t m, const TensorEntry& entry, KlSum<Compute<T>>& kl) {
+  using S = Compute<T>;
+  constexpr bool kTheta = kMode > 0;
+  const S inv_var = static_cast<S>(entry.inv_prior_var);
+  const S log_var_m1 = static_cast<S>(entry.log_prior_var_m1);
+  for (int64_t b = 0; b < m; b += kBlock) {
+    const int bm = static_cast<int>(std::min<int64_t>(kBlock, m - b));
+    const St<T>* __restrict mu_b = mu + b;
+    const St<T>* __restrict pm_b = kPm ? pm + b : nullptr;
+    const float* __restrict eps_b = kTheta ? eps + b : nullptr;
+    St<out_t>* __restrict theta_b = kTheta ? theta + b : nullptr;
+    S* __restrict sig_b = kMode == 2 ? sig + b : nullptr;
+    alignas(32) S term[kBlock];
+    for_block<kAvx2, T, kTheta, kKl>(lv + b, bm, [&](int e, S, S lc, S s, S v) {
+      if constexpr (kTheta) {
+        const S mean = load_as<S, T>(mu_b[e]);
+        theta_b[e] = store_as<out_t>(P::theta(mean, s, static_cast<S>(eps_b[e])));
+        if constexpr (kMode == 2) sig_b[e] = s;
+      }
+      if constexpr (kKl) {
+        const S mean = load_as<S, T>(mu_b[e]);
+        const S d = kPm ? P::sub(mean, load_as<S, T>(pm_b[e])) : mean;
+        term[e] = P::kl_term(d, v, lc, inv_var, log_var_m1);
+      }
+    });
+    if constexpr (kKl) kl.add(term, bm);
   }
-  return acc;
 }
 
 // theta of sample k > 0 from the kept sigma.
-template <typename S, typename out_t>
-FASTBNF_INLINE void resample_piece(const S* __restrict mu, const S* __restrict sig,
-                                   const float* __restrict eps,
-                                   typename Storage<out_t>::type* __restrict theta, int64_t m) {
+template <typename T, typename out_t>
+FASTBNF_INLINE void resample_piece(const St<T>* __restrict mu, const Compute<T>* __restrict sig,
+                                   const float* __restrict eps, St<out_t>* __restrict theta,
+                                   int64_t m) {
+  using S = Compute<T>;
   FASTBNF_SIMD
   for (int64_t e = 0; e < m; ++e) {
-    theta[e] = store_as<out_t>(mu[e] + sig[e] * static_cast<S>(eps[e]));
+    theta[e] = store_as<out_t>(P::theta(load_as<S, T>(mu[e]), sig[e], static_cast<S>(eps[e])));
   }
 }
 
@@ -305,220 +310,247 @@ struct ForwardArgs {
   const Group* g;
   int64_t n;  // samples drawn (0: KL only)
   void* theta;
-  bool with_kl;
   PhiloxKey key;
-  double* partials;
+  double* partials;  // per chunk, when the KL is computed
 };
 
-template <bool kAvx2, typename S, typename out_t, bool kKl, bool kPm>
+template <bool kAvx2, typename T, typename out_t, int kMode, bool kKl, bool kPm>
 FASTBNF_INLINE void forward_chunks_impl(const ForwardArgs& a, int64_t c0, int64_t c1) {
-  using out_s = typename Storage<out_t>::type;
+  using S = Compute<T>;
   const Group& g = *a.g;
   const int64_t N = g.numel;
-  std::unique_ptr<float[]> eps_buf(a.n > 0 ? new float[normals_capacity(kChunk)] : nullptr);
-  std::unique_ptr<S[]> sig_buf(a.n > 1 ? new S[kChunk] : nullptr);
-  out_s* theta = static_cast<out_s*>(a.theta);
+  std::unique_ptr<float[]> eps_buf(kMode > 0 ? new float[normals_capacity(kChunk)] : nullptr);
+  std::unique_ptr<S[]> sig_buf(kMode == 2 ? new S[kChunk] : nullptr);
+  St<out_t>* theta = static_cast<St<out_t>*>(a.theta);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t i0 = c * kChunk;
     const int64_t i1 = std::min(N, i0 + kChunk);
     const float* eps = nullptr;
-    if (a.n > 0) eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(i0), i1 - i0, a.key);
-    double kl = 0.0;
-    for_pieces(g, i0, i1, [&](const Entry& e, int64_t p0, int64_t p1) {
-      const S* mu = static_cast<const S*>(e.mu) + (p0 - e.begin);
-      const S* lv = static_cast<const S*>(e.lv) + (p0 - e.begin);
-      const S* pm = kPm ? static_cast<const S*>(e.pm) + (p0 - e.begin) : nullptr;
-      const PriorConst pc = prior_const(e);
-      const int64_t m = p1 - p0;
-      if (a.n == 0) {
-        kl += forward_piece<kAvx2, S, out_t, false, false, kKl, kPm>(mu, lv, pm, nullptr, nullptr,
-                                                              nullptr, m, pc);
-      } else if (a.n == 1) {
-        kl += forward_piece<kAvx2, S, out_t, true, false, kKl, kPm>(mu, lv, pm, eps + (p0 - i0),
-                                                             theta + p0, nullptr, m, pc);
-      } else {
-        kl += forward_piece<kAvx2, S, out_t, true, true, kKl, kPm>(
-            mu, lv, pm, eps + (p0 - i0), theta + p0, sig_buf.get() + (p0 - i0), m, pc);
-      }
-    });
-    for (int64_t k = 1; k < a.n; ++k) {
-      eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0, a.key);
-      for_pieces(g, i0, i1, [&](const Entry& e, int64_t p0, int64_t p1) {
-        resample_piece<S, out_t>(static_cast<const S*>(e.mu) + (p0 - e.begin),
-                                 sig_buf.get() + (p0 - i0), eps + (p0 - i0),
-                                 theta + k * N + p0, p1 - p0);
-      });
+    if constexpr (kMode > 0) {
+      eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(i0), i1 - i0, a.key);
     }
-    if (kKl) a.partials[c] = kl;
+    KlSum<S> kl;
+    for_pieces(g, i0, i1, [&](const TensorEntry& e, int64_t p0, int64_t p1) {
+      forward_piece<kAvx2, T, out_t, kMode, kKl, kPm>(
+          at_flat<T>(e.mean, e, p0), at_flat<T>(e.logvar, e, p0),
+          kPm ? at_flat<T>(e.prior_mean, e, p0) : nullptr, kMode > 0 ? eps + (p0 - i0) : nullptr,
+          kMode > 0 ? theta + p0 : nullptr, kMode == 2 ? sig_buf.get() + (p0 - i0) : nullptr,
+          p1 - p0, e, kl);
+    });
+    if constexpr (kMode == 2) {
+      for (int64_t k = 1; k < a.n; ++k) {
+        eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0,
+                                  a.key);
+        for_pieces(g, i0, i1, [&](const TensorEntry& e, int64_t p0, int64_t p1) {
+          resample_piece<T, out_t>(at_flat<T>(e.mean, e, p0), sig_buf.get() + (p0 - i0),
+                                   eps + (p0 - i0), theta + k * N + p0, p1 - p0);
+        });
+      }
+    }
+    if constexpr (kKl) a.partials[c] = kl.total();
   }
 }
 
-template <typename S, typename out_t, bool kKl, bool kPm>
+template <typename T, typename out_t, int kMode, bool kKl, bool kPm>
 void forward_chunks_generic(const ForwardArgs& a, int64_t c0, int64_t c1) {
-  forward_chunks_impl<false, S, out_t, kKl, kPm>(a, c0, c1);
+  forward_chunks_impl<false, T, out_t, kMode, kKl, kPm>(a, c0, c1);
 }
 
-template <typename S, typename out_t, bool kKl, bool kPm>
+template <typename T, typename out_t, int kMode, bool kKl, bool kPm>
 FASTBNF_TARGET_AVX2 void forward_chunks_avx2(const ForwardArgs& a, int64_t c0, int64_t c1) {
-  forward_chunks_impl<FASTBNF_HAS_AVX2_PATH != 0, S, out_t, kKl, kPm>(a, c0, c1);
+  forward_chunks_impl<FASTBNF_HAS_AVX2_PATH != 0, T, out_t, kMode, kKl, kPm>(a, c0, c1);
 }
 
-template <typename S, typename out_t>
-void run_forward(const ForwardArgs& a) {
-  using Fn = void (*)(const ForwardArgs&, int64_t, int64_t);
-  const bool kl = a.with_kl, pm = a.g->has_prior_means;
-  const bool avx2 = cpu_has_avx2();
-  Fn fn;
-  if (avx2) {
-    fn = kl ? (pm ? forward_chunks_avx2<S, out_t, true, true> : forward_chunks_avx2<S, out_t, true, false>)
-            : forward_chunks_avx2<S, out_t, false, false>;
+using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
+
+template <typename T, typename out_t, int kMode, bool kKl, bool kPm>
+ForwardFn forward_fn(bool avx2) {
+  return avx2 ? forward_chunks_avx2<T, out_t, kMode, kKl, kPm>
+              : forward_chunks_generic<T, out_t, kMode, kKl, kPm>;
+}
+
+template <typename T, typename out_t, int kMode>
+ForwardFn forward_fn(bool avx2, bool kl, bool pm) {
+  if (!kl) return forward_fn<T, out_t, kMode, false, false>(avx2);
+  return pm ? forward_fn<T, out_t, kMode, true, true>(avx2)
+            : forward_fn<T, out_t, kMode, true, false>(avx2);
+}
+
+// Samples of out_t (when n > 0) and the KL (when with_kl).
+template <typename T, typename out_t>
+void run_forward(const ForwardArgs& a, bool with_kl) {
+  const bool avx2 = cpu_has_avx2(), pm = a.g->has_prior_means;
+  ForwardFn fn;
+  if (a.n == 0) {
+    if (!with_kl) return;
+    // The KL alone does not depend on the samples' dtype.
+    fn = pm ? forward_fn<T, T, 0, true, true>(avx2) : forward_fn<T, T, 0, true, false>(avx2);
+  } else if (a.n == 1) {
+    fn = forward_fn<T, out_t, 1>(avx2, with_kl, pm);
   } else {
-    fn = kl ? (pm ? forward_chunks_generic<S, out_t, true, true>
-                  : forward_chunks_generic<S, out_t, true, false>)
-            : forward_chunks_generic<S, out_t, false, false>;
+    fn = forward_fn<T, out_t, 2>(avx2, with_kl, pm);
   }
   for_chunks(a.g->numel, [&](int64_t c0, int64_t c1) { fn(a, c0, c1); });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: grad_mu = sum_k g_k + g_kl (mu - m) / pv,
-//           grad_logvar = s' (0.5 sigma sum_k g_k eps_k + g_kl 0.5 (v / pv - 1)).
+// Backward: grad_mu = G + gk (mu - m) / pv, grad_logvar = s' (0.5 sigma E + gk 0.5 (v / pv - 1)),
+// with G = sum_k g_k and E = sum_k g_k eps_k.
 
 // kMode 0: no sample gradient (KL only); 1: one sample, g and eps read directly;
 // 2: several samples, their sums G and GE given.
-template <bool kFma, typename S, typename grad_t, int kMode, bool kKl, bool kPm>
-FASTBNF_INLINE void backward_piece(const S* __restrict mu, const S* __restrict lv,
-                                   const S* __restrict pm,
-                                   const typename Storage<grad_t>::type* __restrict gt,
-                                   const float* __restrict eps, const S* __restrict G,
-                                   const S* __restrict GE, S* __restrict gmu, S* __restrict glv,
-                                   int64_t m, PriorConst pc, S gkl) {
-  const S inv_pv = static_cast<S>(pc.inv_pv);
-  const S half = static_cast<S>(0.5);
-  FASTBNF_SIMD
-  for (int64_t e = 0; e < m; ++e) {
-    S q;
-    const S lc = softclip(lv[e], q);
-    const S s = exp_s<kFma>(lc * half);
-    S a = 0, b = 0;
-    if constexpr (kMode == 1) {
-      const S g = load_as<S, grad_t>(gt[e]);
-      a = g;
-      b = half * s * (g * static_cast<S>(eps[e]));
-    } else if constexpr (kMode == 2) {
-      a = G[e];
-      b = half * s * GE[e];
-    }
-    if constexpr (kKl) {
-      const S d = kPm ? mu[e] - pm[e] : mu[e];
-      a += gkl * (d * inv_pv);
-      b += gkl * (half * (exp_s<kFma>(lc) * inv_pv - static_cast<S>(1)));
-    }
-    gmu[e] = a;
-    glv[e] = (q * q * q) * b;
+template <bool kAvx2, typename T, typename grad_t, int kMode, bool kKl, bool kPm>
+FASTBNF_INLINE void backward_piece(const St<T>* __restrict mu, const St<T>* __restrict lv,
+                                   const St<T>* __restrict pm, const St<grad_t>* __restrict gt,
+                                   const float* __restrict eps, const Compute<T>* __restrict G,
+                                   const Compute<T>* __restrict GE, St<T>* __restrict gmu,
+                                   St<T>* __restrict glv, int64_t m, const TensorEntry& entry,
+                                   Compute<T> gkl) {
+  using S = Compute<T>;
+  const S inv_var = static_cast<S>(entry.inv_prior_var);
+  for (int64_t b = 0; b < m; b += kBlock) {
+    const int bm = static_cast<int>(std::min<int64_t>(kBlock, m - b));
+    const St<T>* __restrict mu_b = kKl ? mu + b : nullptr;
+    const St<T>* __restrict pm_b = kPm ? pm + b : nullptr;
+    const St<grad_t>* __restrict gt_b = kMode == 1 ? gt + b : nullptr;
+    const float* __restrict eps_b = kMode == 1 ? eps + b : nullptr;
+    const S* __restrict G_b = kMode == 2 ? G + b : nullptr;
+    const S* __restrict GE_b = kMode == 2 ? GE + b : nullptr;
+    St<T>* __restrict gmu_b = gmu + b;
+    St<T>* __restrict glv_b = glv + b;
+    for_block<kAvx2, T, (kMode > 0), kKl>(lv + b, bm, [&](int e, S q, S lc, S s, S v) {
+      S g_sum = 0, part = 0;
+      if constexpr (kMode == 1) {
+        const S g = load_as<S, grad_t>(gt_b[e]);
+        g_sum = g;
+        part = P::logvar_part_sample(s, P::mul(static_cast<S>(eps_b[e]), g));
+      } else if constexpr (kMode == 2) {
+        g_sum = G_b[e];
+        part = P::logvar_part_sample(s, GE_b[e]);
+      }
+      if constexpr (kKl) {
+        const S mean = load_as<S, T>(mu_b[e]);
+        const S d = kPm ? P::sub(mean, load_as<S, T>(pm_b[e])) : mean;
+        const S kl_part = P::logvar_part_kl(v, inv_var, gkl);
+        if constexpr (kMode > 0) {
+          g_sum = P::grad_mean(g_sum, gkl, d, inv_var);
+          part = P::add(part, kl_part);
+        } else {
+          g_sum = P::mul(gkl, P::mul(d, inv_var));
+          part = kl_part;
+        }
+      }
+      gmu_b[e] = store_as<T>(g_sum);
+      glv_b[e] = store_as<T>(P::grad_logvar(P::softclip_slope(q), part));
+    });
   }
 }
 
 // G = sum_k g_k and GE = sum_k g_k eps_k over the samples, k in order.
 template <typename S, typename grad_t>
-FASTBNF_INLINE void accumulate_piece(const typename Storage<grad_t>::type* __restrict gt,
-                                     const float* __restrict eps, S* __restrict G,
-                                     S* __restrict GE, int64_t m, bool first) {
+FASTBNF_INLINE void accumulate_piece(const St<grad_t>* __restrict gt, const float* __restrict eps,
+                                     S* __restrict G, S* __restrict GE, int64_t m, bool first) {
   if (first) {
     FASTBNF_SIMD
     for (int64_t e = 0; e < m; ++e) {
       const S g = load_as<S, grad_t>(gt[e]);
       G[e] = g;
-      GE[e] = g * static_cast<S>(eps[e]);
+      GE[e] = P::mul(static_cast<S>(eps[e]), g);
     }
   } else {
     FASTBNF_SIMD
     for (int64_t e = 0; e < m; ++e) {
       const S g = load_as<S, grad_t>(gt[e]);
-      G[e] += g;
-      GE[e] += g * static_cast<S>(eps[e]);
+      G[e] = P::add(G[e], g);
+      GE[e] = P::add(GE[e], P::mul(static_cast<S>(eps[e]), g));
     }
   }
 }
 
 struct BackwardArgs {
   const Group* g;
-  int64_t n;           // samples in grad_theta (0: KL only)
-  const void* grad;    // (n, N) flat
+  int64_t n;         // samples in grad_theta (0: KL only)
+  const void* grad;  // (n, N) flat
   double grad_kl;
   PhiloxKey key;
   void* grad_means;
   void* grad_logvars;
 };
 
-template <bool kAvx2, typename S, typename grad_t, bool kKl, bool kPm>
+template <bool kAvx2, typename T, typename grad_t, int kMode, bool kKl, bool kPm>
 FASTBNF_INLINE void backward_chunks_impl(const BackwardArgs& a, int64_t c0, int64_t c1) {
-  using grad_s = typename Storage<grad_t>::type;
+  using S = Compute<T>;
   const Group& g = *a.g;
   const int64_t N = g.numel;
-  std::unique_ptr<float[]> eps_buf(a.n > 0 ? new float[normals_capacity(kChunk)] : nullptr);
-  std::unique_ptr<S[]> G(a.n > 1 ? new S[kChunk] : nullptr);
-  std::unique_ptr<S[]> GE(a.n > 1 ? new S[kChunk] : nullptr);
-  const grad_s* grad = static_cast<const grad_s*>(a.grad);
-  S* gmu = static_cast<S*>(a.grad_means);
-  S* glv = static_cast<S*>(a.grad_logvars);
+  std::unique_ptr<float[]> eps_buf(kMode > 0 ? new float[normals_capacity(kChunk)] : nullptr);
+  std::unique_ptr<S[]> G(kMode == 2 ? new S[kChunk] : nullptr);
+  std::unique_ptr<S[]> GE(kMode == 2 ? new S[kChunk] : nullptr);
+  const St<grad_t>* grad = static_cast<const St<grad_t>*>(a.grad);
+  St<T>* gmu = static_cast<St<T>*>(a.grad_means);
+  St<T>* glv = static_cast<St<T>*>(a.grad_logvars);
   const S gkl = static_cast<S>(a.grad_kl);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t i0 = c * kChunk;
     const int64_t i1 = std::min(N, i0 + kChunk);
     const float* eps = nullptr;
-    if (a.n > 1) {
+    if constexpr (kMode == 2) {
       for (int64_t k = 0; k < a.n; ++k) {
         eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0,
                                   a.key);
         accumulate_piece<S, grad_t>(grad + k * N + i0, eps, G.get(), GE.get(), i1 - i0, k == 0);
       }
-    } else if (a.n == 1) {
+    } else if constexpr (kMode == 1) {
       eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(i0), i1 - i0, a.key);
     }
-    for_pieces(g, i0, i1, [&](const Entry& e, int64_t p0, int64_t p1) {
-      const S* mu = static_cast<const S*>(e.mu) + (p0 - e.begin);
-      const S* lv = static_cast<const S*>(e.lv) + (p0 - e.begin);
-      const S* pm = kPm ? static_cast<const S*>(e.pm) + (p0 - e.begin) : nullptr;
-      const PriorConst pc = prior_const(e);
-      const int64_t m = p1 - p0, r = p0 - i0;
-      if (a.n == 0) {
-        backward_piece<kAvx2, S, grad_t, 0, kKl, kPm>(mu, lv, pm, nullptr, nullptr, nullptr, nullptr,
-                                               gmu + p0, glv + p0, m, pc, gkl);
-      } else if (a.n == 1) {
-        backward_piece<kAvx2, S, grad_t, 1, kKl, kPm>(mu, lv, pm, grad + p0, eps + r, nullptr, nullptr,
-                                               gmu + p0, glv + p0, m, pc, gkl);
-      } else {
-        backward_piece<kAvx2, S, grad_t, 2, kKl, kPm>(mu, lv, pm, nullptr, nullptr, G.get() + r,
-                                               GE.get() + r, gmu + p0, glv + p0, m, pc, gkl);
-      }
+    for_pieces(g, i0, i1, [&](const TensorEntry& e, int64_t p0, int64_t p1) {
+      const int64_t r = p0 - i0;
+      backward_piece<kAvx2, T, grad_t, kMode, kKl, kPm>(
+          at_flat<T>(e.mean, e, p0), at_flat<T>(e.logvar, e, p0),
+          kPm ? at_flat<T>(e.prior_mean, e, p0) : nullptr,
+          kMode == 1 ? grad + p0 : nullptr, kMode == 1 ? eps + r : nullptr,
+          kMode == 2 ? G.get() + r : nullptr, kMode == 2 ? GE.get() + r : nullptr, gmu + p0,
+          glv + p0, p1 - p0, e, gkl);
     });
   }
 }
 
-template <typename S, typename grad_t, bool kKl, bool kPm>
+template <typename T, typename grad_t, int kMode, bool kKl, bool kPm>
 void backward_chunks_generic(const BackwardArgs& a, int64_t c0, int64_t c1) {
-  backward_chunks_impl<false, S, grad_t, kKl, kPm>(a, c0, c1);
+  backward_chunks_impl<false, T, grad_t, kMode, kKl, kPm>(a, c0, c1);
 }
 
-template <typename S, typename grad_t, bool kKl, bool kPm>
+template <typename T, typename grad_t, int kMode, bool kKl, bool kPm>
 FASTBNF_TARGET_AVX2 void backward_chunks_avx2(const BackwardArgs& a, int64_t c0, int64_t c1) {
-  backward_chunks_impl<FASTBNF_HAS_AVX2_PATH != 0, S, grad_t, kKl, kPm>(a, c0, c1);
+  backward_chunks_impl<FASTBNF_HAS_AVX2_PATH != 0, T, grad_t, kMode, kKl, kPm>(a, c0, c1);
 }
 
-template <typename S, typename grad_t>
+using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
+
+template <typename T, typename grad_t, int kMode, bool kKl, bool kPm>
+BackwardFn backward_fn(bool avx2) {
+  return avx2 ? backward_chunks_avx2<T, grad_t, kMode, kKl, kPm>
+              : backward_chunks_generic<T, grad_t, kMode, kKl, kPm>;
+}
+
+template <typename T, typename grad_t, int kMode>
+BackwardFn backward_fn(bool avx2, bool kl, bool pm) {
+  if (!kl) return backward_fn<T, grad_t, kMode, false, false>(avx2);
+  return pm ? backward_fn<T, grad_t, kMode, true, true>(avx2)
+            : backward_fn<T, grad_t, kMode, true, false>(avx2);
+}
+
+// Gradients from n samples' gradients of grad_t (when n > 0) and the KL's (when with_kl).
+template <typename T, typename grad_t>
 void run_backward(const BackwardArgs& a, bool with_kl) {
-  using Fn = void (*)(const BackwardArgs&, int64_t, int64_t);
-  const bool pm = a.g->has_prior_means;
-  Fn fn;
-  if (cpu_has_avx2()) {
-    fn = with_kl ? (pm ? backward_chunks_avx2<S, grad_t, true, true>
-                       : backward_chunks_avx2<S, grad_t, true, false>)
-                 : backward_chunks_avx2<S, grad_t, false, false>;
+  const bool avx2 = cpu_has_avx2(), pm = a.g->has_prior_means;
+  BackwardFn fn;
+  if (a.n == 0) {
+    // Without samples the gradients are the KL's, or zero; grad_t plays no part.
+    fn = backward_fn<T, T, 0>(avx2, with_kl, pm);
+  } else if (a.n == 1) {
+    fn = backward_fn<T, grad_t, 1>(avx2, with_kl, pm);
   } else {
-    fn = with_kl ? (pm ? backward_chunks_generic<S, grad_t, true, true>
-                       : backward_chunks_generic<S, grad_t, true, false>)
-                 : backward_chunks_generic<S, grad_t, false, false>;
+    fn = backward_fn<T, grad_t, 2>(avx2, with_kl, pm);
   }
   for_chunks(a.g->numel, [&](int64_t c0, int64_t c1) { fn(a, c0, c1); });
 }
@@ -526,51 +558,44 @@ void run_backward(const BackwardArgs& a, bool with_kl) {
 // ---------------------------------------------------------------------------------------------
 // Variance: exp(softclip(logvar)).
 
-template <bool kFma, typename S>
-FASTBNF_INLINE void variance_chunks_impl(const Group& g, S* out, int64_t c0, int64_t c1) {
+template <bool kAvx2, typename T>
+FASTBNF_INLINE void variance_chunks_impl(const Group& g, St<T>* out, int64_t c0, int64_t c1) {
+  using S = Compute<T>;
   for_pieces(g, c0 * kChunk, std::min(g.numel, c1 * kChunk),
-             [&](const Entry& e, int64_t p0, int64_t p1) {
-               const S* __restrict lv = static_cast<const S*>(e.lv) + (p0 - e.begin);
-               S* __restrict o = out + p0;
-               const int64_t m = p1 - p0;
-               FASTBNF_SIMD
-               for (int64_t i = 0; i < m; ++i) {
-                 S q;
-                 o[i] = exp_s<kFma>(softclip(lv[i], q));
+             [&](const TensorEntry& e, int64_t p0, int64_t p1) {
+               const St<T>* lv = at_flat<T>(e.logvar, e, p0);
+               St<T>* o = out + p0;
+               for (int64_t b = 0; b < p1 - p0; b += kBlock) {
+                 const int bm = static_cast<int>(std::min<int64_t>(kBlock, p1 - p0 - b));
+                 St<T>* __restrict ob = o + b;
+                 for_block<kAvx2, T, false, true>(
+                     lv + b, bm, [&](int i, S, S, S, S v) { ob[i] = store_as<T>(v); });
                }
              });
 }
 
-template <typename S>
-void variance_chunks_generic(const Group& g, S* out, int64_t c0, int64_t c1) {
-  variance_chunks_impl<false, S>(g, out, c0, c1);
+template <typename T>
+void variance_chunks_generic(const Group& g, St<T>* out, int64_t c0, int64_t c1) {
+  variance_chunks_impl<false, T>(g, out, c0, c1);
 }
 
-template <typename S>
-FASTBNF_TARGET_AVX2 void variance_chunks_avx2(const Group& g, S* out, int64_t c0, int64_t c1) {
-  variance_chunks_impl<FASTBNF_HAS_AVX2_PATH != 0, S>(g, out, c0, c1);
+template <typename T>
+FASTBNF_TARGET_AVX2 void variance_chunks_avx2(const Group& g, St<T>* out, int64_t c0, int64_t c1) {
+  variance_chunks_impl<FASTBNF_HAS_AVX2_PATH != 0, T>(g, out, c0, c1);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Dtype dispatch.
 
+// f(T{}) for the group's storage type.
 template <typename F>
 void dispatch_group(at::ScalarType dtype, const F& f) {
-  if (dtype == at::kFloat) {
-    f(float{});
-  } else {
-    f(double{});
-  }
-}
-
-template <typename F>
-void dispatch_low(at::ScalarType dtype, const F& f) {
   switch (dtype) {
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
     case at::kHalf:
       f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
       break;
     case at::kFloat:
       f(float{});
@@ -578,6 +603,18 @@ void dispatch_low(at::ScalarType dtype, const F& f) {
     default:
       f(double{});
       break;
+  }
+}
+
+// f(U{}) for a dtype that is T, float16 or bfloat16 (group.h guarantees no other).
+template <typename T, typename F>
+void dispatch_like(at::ScalarType dtype, at::ScalarType group_dtype, const F& f) {
+  if (dtype == group_dtype) {
+    f(T{});
+  } else if (dtype == at::kHalf) {
+    f(c10::Half{});
+  } else {
+    f(c10::BFloat16{});
   }
 }
 
@@ -589,6 +626,7 @@ at::Tensor make_rng_state(uint64_t seed) {
   return state;
 }
 
+// The stream seed of a new sample: the default CPU generator's next 64 bits, the stream folded in.
 uint64_t draw_seed(int64_t stream) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       std::nullopt, at::detail::getDefaultCPUGenerator());
@@ -601,66 +639,55 @@ uint64_t draw_seed(int64_t stream) {
   return fold_stream(seed, static_cast<uint64_t>(stream));
 }
 
-PhiloxKey read_rng_state(const char* op, const at::Tensor& rng_state) {
-  TORCH_CHECK(rng_state.defined(), op, ": rng_state is undefined");
-  TORCH_CHECK(rng_state.device().is_cpu(), op, ": rng_state is on ", rng_state.device(),
-              ", expected cpu");
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong, op, ": rng_state has dtype ",
-              rng_state.scalar_type(), ", expected int64");
-  TORCH_CHECK(rng_state.dim() == 1 && rng_state.size(0) == 2, op,
-              ": rng_state must have shape (2,) [seed, offset], got ", rng_state.sizes());
-  const at::Tensor s = rng_state.contiguous();
-  const int64_t* p = s.data_ptr<int64_t>();
+PhiloxKey read_rng_state(const at::Tensor& rng_state) {
+  const int64_t* p = rng_state.data_ptr<int64_t>();
   return PhiloxKey(static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1]));
 }
 
+// The KL in the group's dtype, rounded from double as PyTorch's .to() rounds.
 at::Tensor kl_tensor(double kl, at::ScalarType dtype) {
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
-  if (dtype == at::kFloat) {
-    *out.data_ptr<float>() = static_cast<float>(kl);
-  } else {
-    *out.data_ptr<double>() = kl;
-  }
-  return out;
+  return at::scalar_tensor(kl, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+}
+
+PriorArgs prior_args(double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
+                     std::optional<at::TensorList> prior_means) {
+  PriorArgs prior;
+  prior.var = prior_var;
+  prior.vars = prior_vars;
+  prior.means = prior_means;
+  return prior;
 }
 
 }  // namespace
 
+int64_t threads_used() {
+  return static_cast<int64_t>(__builtin_popcountll(g_threads_mask.load()));
+}
+
 // ---------------------------------------------------------------------------------------------
-// The ops.
+// The ops. Their checks are group.h's, under the public ops' names.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
     std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
     std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means,
     int64_t stream) {
-  constexpr const char* op = "fastbnf::sample_kernel";
-  const Group g = make_group(op, means, logvars, prior_var, prior_vars, prior_means);
-  if (n) TORCH_CHECK(*n >= 0, op, ": n must be non-negative, got ", *n);
-  const at::ScalarType odt = out_dtype.value_or(g.dtype);
-  TORCH_CHECK(odt == g.dtype || odt == at::kBFloat16 || odt == at::kHalf, op,
-              ": out_dtype must be the group's dtype (", g.dtype, "), bfloat16 or float16, got ",
-              odt);
+  constexpr const char* op = "fastbnf::sample";
+  const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
+  const Group g = make_group(op, means, logvars, &prior);
+  const int64_t samples = check_samples(op, n);
+  const at::ScalarType odt = check_out_dtype(op, out_dtype, g);
   const int64_t N = g.numel;
-  const int64_t samples = n.value_or(1);
   at::Tensor theta = n ? empty_output({samples, N}, odt) : empty_output({N}, odt);
   const uint64_t seed = draw_seed(stream);
   at::Tensor rng_state = make_rng_state(seed);
 
   std::vector<double> partials(with_kl ? num_chunks(N) : 0);
-  ForwardArgs a{&g, samples, theta.data_ptr(), with_kl, PhiloxKey(seed, 0), partials.data()};
-  if (samples > 0 || with_kl) {
-    dispatch_group(g.dtype, [&](auto s) {
-      using S = decltype(s);
-      if (odt == g.dtype) {
-        run_forward<S, S>(a);
-      } else if (odt == at::kBFloat16) {
-        run_forward<S, c10::BFloat16>(a);
-      } else {
-        run_forward<S, c10::Half>(a);
-      }
-    });
-  }
+  const ForwardArgs a{&g, samples, theta.data_ptr(), PhiloxKey(seed, 0), partials.data()};
+  dispatch_group(g.dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_like<T>(odt, g.dtype, [&](auto o) { run_forward<T, decltype(o)>(a, with_kl); });
+  });
   at::Tensor kl = with_kl ? kl_tensor(sum_in_order(partials), g.dtype)
                           : at::zeros({}, at::TensorOptions().dtype(g.dtype));
   return {theta, kl, rng_state};
@@ -670,47 +697,27 @@ std::tuple<at::Tensor, at::Tensor> sample_backward_kernel(
     const at::Tensor& grad_theta, const at::Tensor& grad_kl, at::TensorList means,
     at::TensorList logvars, const at::Tensor& rng_state, bool with_kl, double prior_var,
     std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means) {
-  constexpr const char* op = "fastbnf::sample_backward_kernel";
-  const Group g = make_group(op, means, logvars, prior_var, prior_vars, prior_means);
-  const int64_t N = g.numel;
-  const PhiloxKey key = read_rng_state(op, rng_state);
-  TORCH_CHECK(grad_theta.defined(), op, ": grad_theta is undefined");
-  TORCH_CHECK(grad_theta.device().is_cpu(), op, ": grad_theta is on ", grad_theta.device(),
-              ", expected cpu");
-  const at::ScalarType gdt = grad_theta.scalar_type();
-  TORCH_CHECK(gdt == at::kFloat || gdt == at::kDouble || gdt == at::kBFloat16 || gdt == at::kHalf,
-              op, ": grad_theta must be floating point, got ", gdt);
-  TORCH_CHECK((grad_theta.dim() == 1 && grad_theta.size(0) == N) ||
-                  (grad_theta.dim() == 2 && grad_theta.size(1) == N),
-              op, ": grad_theta has shape ", grad_theta.sizes(), ", expected (", N, ",) or (n, ",
-              N, ")");
-  const int64_t samples = grad_theta.dim() == 2 ? grad_theta.size(0) : 1;
+  constexpr const char* op = "fastbnf::sample_backward";
+  const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
+  const Group g = make_group(op, means, logvars, &prior);
+  const at::Tensor grad = check_grad_theta(op, grad_theta, g);
+  const at::Tensor state = check_rng_state(op, rng_state, g);
   double gkl = 0.0;
   if (with_kl) {
-    TORCH_CHECK(grad_kl.defined() && grad_kl.numel() == 1, op,
-                ": grad_kl must hold one element, got shape ",
-                grad_kl.defined() ? grad_kl.sizes() : at::IntArrayRef{});
+    check_grad_kl(op, grad_kl, g);
     gkl = grad_kl.item<double>();
   }
-  // A gradient of another floating dtype than the group's or the low-precision outputs' is
-  // converted once; the usual cases are read in place.
-  at::Tensor grad = grad_theta;
-  if (gdt != g.dtype && gdt != at::kBFloat16 && gdt != at::kHalf) grad = grad.to(g.dtype);
-  grad = grad.contiguous();
+  const int64_t N = g.numel;
+  const int64_t samples = grad.dim() == 2 ? grad.size(0) : 1;
 
   at::Tensor grad_means = empty_output({N}, g.dtype);
   at::Tensor grad_logvars = empty_output({N}, g.dtype);
-  BackwardArgs a{&g,  samples, grad.data_ptr(), gkl, key, grad_means.data_ptr(),
-                 grad_logvars.data_ptr()};
-  dispatch_group(g.dtype, [&](auto s) {
-    using S = decltype(s);
-    dispatch_low(grad.scalar_type(), [&](auto gv) {
-      using grad_t = decltype(gv);
-      if constexpr (std::is_same_v<grad_t, S> || std::is_same_v<grad_t, c10::BFloat16> ||
-                    std::is_same_v<grad_t, c10::Half>) {
-        run_backward<S, grad_t>(a, with_kl);
-      }
-    });
+  const BackwardArgs a{&g,  samples, grad.data_ptr(), gkl, read_rng_state(state),
+                       grad_means.data_ptr(), grad_logvars.data_ptr()};
+  dispatch_group(g.dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_like<T>(grad.scalar_type(), g.dtype,
+                     [&](auto gv) { run_backward<T, decltype(gv)>(a, with_kl); });
   });
   return {grad_means, grad_logvars};
 }
@@ -718,13 +725,14 @@ std::tuple<at::Tensor, at::Tensor> sample_backward_kernel(
 at::Tensor kl_kernel(at::TensorList means, at::TensorList logvars, double prior_var,
                      std::optional<at::ArrayRef<double>> prior_vars,
                      std::optional<at::TensorList> prior_means) {
-  constexpr const char* op = "fastbnf::kl_kernel";
-  const Group g = make_group(op, means, logvars, prior_var, prior_vars, prior_means);
+  constexpr const char* op = "fastbnf::kl";
+  const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
+  const Group g = make_group(op, means, logvars, &prior);
   std::vector<double> partials(num_chunks(g.numel));
-  ForwardArgs a{&g, 0, nullptr, true, PhiloxKey(0, 0), partials.data()};
-  dispatch_group(g.dtype, [&](auto s) {
-    using S = decltype(s);
-    run_forward<S, S>(a);
+  const ForwardArgs a{&g, 0, nullptr, PhiloxKey(0, 0), partials.data()};
+  dispatch_group(g.dtype, [&](auto t) {
+    using T = decltype(t);
+    run_forward<T, T>(a, true);
   });
   return kl_tensor(sum_in_order(partials), g.dtype);
 }
@@ -732,35 +740,35 @@ at::Tensor kl_kernel(at::TensorList means, at::TensorList logvars, double prior_
 std::tuple<at::Tensor, at::Tensor> kl_backward_kernel(
     const at::Tensor& grad_kl, at::TensorList means, at::TensorList logvars, double prior_var,
     std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means) {
-  constexpr const char* op = "fastbnf::kl_backward_kernel";
-  const Group g = make_group(op, means, logvars, prior_var, prior_vars, prior_means);
-  TORCH_CHECK(grad_kl.defined() && grad_kl.numel() == 1, op,
-              ": grad_kl must hold one element");
+  constexpr const char* op = "fastbnf::kl_backward";
+  const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
+  const Group g = make_group(op, means, logvars, &prior);
+  check_grad_kl(op, grad_kl, g);
   const int64_t N = g.numel;
   at::Tensor grad_means = empty_output({N}, g.dtype);
   at::Tensor grad_logvars = empty_output({N}, g.dtype);
-  BackwardArgs a{&g, 0, nullptr, grad_kl.item<double>(), PhiloxKey(0, 0), grad_means.data_ptr(),
-                 grad_logvars.data_ptr()};
-  dispatch_group(g.dtype, [&](auto s) {
-    using S = decltype(s);
-    run_backward<S, S>(a, true);
+  const BackwardArgs a{&g, 0, nullptr, grad_kl.item<double>(), PhiloxKey(0, 0),
+                       grad_means.data_ptr(), grad_logvars.data_ptr()};
+  dispatch_group(g.dtype, [&](auto t) {
+    using T = decltype(t);
+    run_backward<T, T>(a, true);
   });
   return {grad_means, grad_logvars};
 }
 
 at::Tensor variance_kernel(at::TensorList logvars) {
-  constexpr const char* op = "fastbnf::variance_kernel";
-  const Group g = make_group(op, std::nullopt, logvars, 1.0, std::nullopt, std::nullopt);
+  constexpr const char* op = "fastbnf::variance";
+  const Group g = make_group(op, std::nullopt, logvars, nullptr);
   at::Tensor out = empty_output({g.numel}, g.dtype);
-  dispatch_group(g.dtype, [&](auto s) {
-    using S = decltype(s);
-    S* o = out.data_ptr<S>();
+  dispatch_group(g.dtype, [&](auto t) {
+    using T = decltype(t);
+    St<T>* o = static_cast<St<T>*>(out.data_ptr());
     const bool avx2 = cpu_has_avx2();
     for_chunks(g.numel, [&](int64_t c0, int64_t c1) {
       if (avx2) {
-        variance_chunks_avx2<S>(g, o, c0, c1);
+        variance_chunks_avx2<T>(g, o, c0, c1);
       } else {
-        variance_chunks_generic<S>(g, o, c0, c1);
+        variance_chunks_generic<T>(g, o, c0, c1);
       }
     });
   });

@@ -30,5 +30,9 @@ std::tuple<at::Tensor, at::Tensor> kl_backward_kernel(
 
 at::Tensor variance_kernel(at::TensorList logvars);
 
+// How many threads ran chunks of the last kernel call that went parallel (a diagnostic for the
+// tests: at::parallel_for did split the work). Process-wide; concurrent calls mix.
+int64_t threads_used();
+
 }  // namespace cpu
 }  // namespace fastbnf

@@ -14,9 +14,11 @@ TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
   m.impl("variance_kernel", &fastbnf::cpu::variance_kernel);
 }
 
-// The pool of large CPU outputs (buffer_pool.h), for fastbnf.empty_cache(). Declared here, not
+// The pool of large CPU outputs (buffer_pool.h), for fastbnf.empty_cache(), and the number of
+// threads that ran the last parallel kernel call (fused_ops.h, for the tests). Declared here, not
 // in _schemas.py: these are controls of the extension, with no Python twin.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("cpu_cache_release() -> int", &fastbnf::cpu::release_idle_buffers);
   m.def("cpu_cache_bytes() -> int", &fastbnf::cpu::idle_buffer_bytes);
+  m.def("cpu_threads_used() -> int", &fastbnf::cpu::threads_used);
 }
