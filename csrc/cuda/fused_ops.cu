@@ -864,14 +864,19 @@ unsigned grid_size(const void* kernel, int64_t tiles) {
     if (found != cache->end()) resident = found->second;
   }
   if (resident == 0) {
+    // The first launch of a kernel may come under CUDA graph capture (a step captured without
+    // a warm-up): query in the relaxed capture mode, which allows these calls.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    const bool exchanged = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
     int sms = 0, blocks = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) !=
             cudaSuccess) {
       (void)cudaGetLastError();
       sms = sms > 0 ? sms : 1;
-      blocks = 4;
+      blocks = 4;  // what __launch_bounds__ asks of the float kernels
     }
+    if (exchanged) (void)cudaThreadExchangeStreamCaptureMode(&mode);
     resident = int64_t{std::max(sms, 1)} * std::max(blocks, 1);
     std::lock_guard<std::mutex> lock(mutex);
     (*cache)[key] = resident;
