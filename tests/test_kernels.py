@@ -128,6 +128,51 @@ def tolerance_ulp(device, dtype) -> int:
     return 2
 
 
+def assert_close_in_ulps(got, ref, scale, ulps):
+    r"""``|got - ref| <= ulps`` units in the last place of ``scale`` (in the outputs' dtype).
+
+    ``scale`` is the magnitude of the largest term that makes an output (``|mu| + |sigma eps|``
+    for theta, say): one ulp of exp in sigma is one ulp of ``sigma eps``, which is many ulps of
+    theta where mu cancels it. With ``ulps = 0`` the two must be equal bit for bit."""
+
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    if ulps == 0:
+        assert ulp_distance(got, ref) == 0
+        return
+    diff = (got.double() - ref.double()).abs().cpu()
+    finfo = torch.finfo(got.dtype)
+    # The spacing of the dtype at |scale|: 2^(exponent - mantissa bits), subnormals included.
+    exponent = torch.floor(torch.log2(scale.double().cpu().clamp_min(finfo.tiny)))
+    spacing = torch.exp2(exponent) * finfo.eps
+    excess = diff - ulps * spacing
+    assert excess.max().item() <= 0, (diff / spacing).max().item()
+
+
+def closed_form_scales(means, logvars, prior, g=None, eps=None, grad_kl=None):
+    r"""The magnitudes of the terms of grad_mu and grad_logvar, in float64: ``|G| + |gk d / v|``
+    and ``slope (|sigma E / 2| + |gk| (var / v + 1) / 2)``, over the samples of ``g``."""
+
+    prior_var, prior_vars, prior_means = prior
+    mu, lv = flat64(means), flat64(logvars)
+    q = (1 + (lv / 18) ** 2).rsqrt()
+    lc, slope = lv * q, q**3
+    sizes = torch.tensor([m.numel() for m in means])
+    ipv = 1 / (torch.full_like(mu, prior_var) if prior_vars is None
+               else torch.tensor(prior_vars, dtype=torch.float64).repeat_interleave(sizes))
+    d = mu if prior_means is None else mu - flat64(prior_means)
+    scale_mu, part = torch.zeros_like(mu), torch.zeros_like(mu)
+    if g is not None:
+        g64 = g.double().cpu().reshape(-1, mu.numel())
+        e64 = eps.double().cpu().reshape(-1, mu.numel())
+        scale_mu += g64.abs().sum(0)
+        part += (lc / 2).exp() / 2 * (g64 * e64).abs().sum(0)
+    if grad_kl is not None:
+        gk = abs(float(grad_kl))
+        scale_mu += gk * (d * ipv).abs()
+        part += gk * (lc.exp() * ipv + 1) / 2
+    return scale_mu, slope * part
+
+
 # --------------------------------------------------------------------------------------------
 # The noise: the kernels' stream, and the twin's maths given that noise.
 
@@ -194,7 +239,9 @@ def test_sample_equals_the_twin(monkeypatch, device, dtype, n, prior):
     assert theta.shape == ref_theta.shape and theta.dtype == dtype
     assert kl.shape == () and kl.dtype == dtype
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,)
-    assert ulp_distance(theta, ref_theta) <= tolerance_ulp(device, dtype)
+    mu = flat64(means)
+    scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
+    assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype))
     rtol = {torch.float64: 1e-13, torch.float32: 2e-6}.get(dtype, 1e-2)
     torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=rtol, atol=0)
 
@@ -215,9 +262,10 @@ def test_sample_backward_equals_the_twin(monkeypatch, device, dtype, n, with_kl,
         monkeypatch, eps, reference.sample_backward, g, grad_kl, means, logvars,
         rng_state, with_kl, *args,
     )
-    for got, ref in zip(out, expected):
+    scales = closed_form_scales(means, logvars, args, g, eps, grad_kl if with_kl else None)
+    for got, ref, scale in zip(out, expected, scales):
         assert got.dtype == dtype and got.shape == (numel(means),)
-        assert ulp_distance(got, ref) <= tolerance_ulp(device, dtype)
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -231,9 +279,10 @@ def test_kl_and_its_backward_equal_the_twin(device, dtype, prior):
     grad_kl = torch.tensor(1.3, device=device, dtype=dtype)
     out = K.kl_backward_kernel(grad_kl, means, logvars, *args)
     expected = reference.kl_backward(grad_kl, means, logvars, *args)
-    for got, ref in zip(out, expected):
+    scales = closed_form_scales(means, logvars, args, grad_kl=grad_kl)
+    for got, ref, scale in zip(out, expected, scales):
         assert got.dtype == dtype
-        assert ulp_distance(got, ref) <= tolerance_ulp(device, dtype)
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
@@ -261,7 +310,9 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     ref_theta, ref_kl, _ = run_reference(
         monkeypatch, eps, reference.sample, means, logvars, 3, None, True, *args, 0
     )
-    assert ulp_distance(theta, ref_theta) <= tolerance_ulp(device, dtype)
+    mu = flat64(means)
+    scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
+    assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype))
     torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
 
     g = torch.linspace(-1, 1, theta.numel(), dtype=dtype, device=device).reshape(theta.shape)
@@ -270,8 +321,9 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     expected = run_reference(
         monkeypatch, eps, reference.sample_backward, g, grad_kl, means, logvars, rng_state, True, *args
     )
-    for got, ref in zip(out, expected):
-        assert ulp_distance(got, ref) <= tolerance_ulp(device, dtype)
+    scales = closed_form_scales(means, logvars, args, g, eps, grad_kl)
+    for got, ref, scale in zip(out, expected, scales):
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype))
 
 
 # --------------------------------------------------------------------------------------------
