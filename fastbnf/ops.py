@@ -38,14 +38,17 @@ for _name, _schema in SCHEMAS.items():
     _LIBRARY.define(f"{_name}{KERNEL_SUFFIX}{_schema}")
 
 
-def _device(tensors: Sequence[Tensor]) -> torch.device:
-    return tensors[0].device if len(tensors) > 0 else torch.device("cpu")
+def _device(tensors: Sequence[Tensor]) -> torch.device | None:
+    return tensors[0].device if len(tensors) > 0 else None
 
 
-def _run(name: str, device: torch.device, *args):
-    r"""Runs an op on the backend that :func:`fastbnf.backend` names for the device."""
+def _run(name: str, device: torch.device | None, *args):
+    r"""Runs an op on the backend that :func:`fastbnf.backend` names for the device.
 
-    if backend(device) == "torch":
+    Without a device (an empty group) the twin runs: it raises the contract's error, where a
+    kernel op given no tensor could not even be dispatched."""
+
+    if device is None or backend(device) == "torch":
         return getattr(reference, name)(*args)
     return getattr(torch.ops.fastbnf, name + KERNEL_SUFFIX)(*args)
 

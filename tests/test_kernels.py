@@ -118,14 +118,19 @@ def test_ulp_distance():
     assert ulp_distance(tiny, -tiny) == 2 * 2**23
 
 
-def tolerance_ulp(device, dtype) -> int:
-    r"""How far a kernel may be from the twin: the CPU kernels share every operation with PyTorch
-    but the float32 exp (a vectorized polynomial against PyTorch's); CUDA's rsqrt and exp are
-    PyTorch's CUDA ones, within 2 ulp of the reference run on the CPU or on the GPU."""
+def tolerance_ulp(device, dtype, composite=False) -> int:
+    r"""How far a kernel may be from the twin given the same noise, in ulps of an output that is
+    one exp of softclip (the variance), or of the largest term of a composite output (theta, the
+    gradients), where the roundings of the operations after the exp add up to 2 ulps more.
 
-    if device == "cpu":
-        return 0 if dtype == torch.float64 else 1
-    return 2
+    On the CPU every operation is PyTorch's, its float64 exp included (the kernels call MKL's,
+    as torch.exp does): float64 is bit for bit. The float32 exp is a vectorized polynomial
+    within 1 ulp of PyTorch's. CUDA's expf and rsqrtf are PyTorch's CUDA ones: 2 ulp."""
+
+    if device == "cpu" and dtype == torch.float64:
+        return 0
+    single = 1 if device == "cpu" else 2
+    return single + 2 if composite else single
 
 
 def assert_close_in_ulps(got, ref, scale, ulps):
@@ -241,7 +246,7 @@ def test_sample_equals_the_twin(monkeypatch, device, dtype, n, prior):
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,)
     mu = flat64(means)
     scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
-    assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype))
+    assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype, composite=True))
     rtol = {torch.float64: 1e-13, torch.float32: 2e-6}.get(dtype, 1e-2)
     torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=rtol, atol=0)
 
@@ -265,7 +270,7 @@ def test_sample_backward_equals_the_twin(monkeypatch, device, dtype, n, with_kl,
     scales = closed_form_scales(means, logvars, args, g, eps, grad_kl if with_kl else None)
     for got, ref, scale in zip(out, expected, scales):
         assert got.dtype == dtype and got.shape == (numel(means),)
-        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype))
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -282,7 +287,7 @@ def test_kl_and_its_backward_equal_the_twin(device, dtype, prior):
     scales = closed_form_scales(means, logvars, args, grad_kl=grad_kl)
     for got, ref, scale in zip(out, expected, scales):
         assert got.dtype == dtype
-        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype))
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
@@ -312,7 +317,7 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     )
     mu = flat64(means)
     scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
-    assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype))
+    assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype, composite=True))
     torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
 
     g = torch.linspace(-1, 1, theta.numel(), dtype=dtype, device=device).reshape(theta.shape)
@@ -323,7 +328,7 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     )
     scales = closed_form_scales(means, logvars, args, g, eps, grad_kl)
     for got, ref, scale in zip(out, expected, scales):
-        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype))
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
 
 
 # --------------------------------------------------------------------------------------------
