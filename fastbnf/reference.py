@@ -55,9 +55,8 @@ def _softclip_scale(x: Tensor) -> Tensor:
     r"""Returns :math:`q = (1 + (x / b)^2)^{-1/2}`: softclip is :math:`x q`, its slope :math:`q^3`."""
 
     # In place after the first op: group-sized temporaries are fresh pages, which cost more
-    # than the arithmetic. The operations (and so the rounding) are the header's: a product by
-    # 1 / 18 (rounded to x's dtype, as the kernels round it), not a division.
-    return (x * (1.0 / SOFTCLIP_BOUND)).square_().add_(1).rsqrt_()
+    # than the arithmetic. The order of the operations (and so the rounding) is the header's.
+    return (x / SOFTCLIP_BOUND).square_().add_(1).rsqrt_()
 
 
 def softclip(x: Tensor) -> Tensor:

@@ -4,7 +4,7 @@
 //
 // For one element with posterior mean mu and log-variance l, prior N(m, pv), noise eps:
 //
-//   t     = l * b                          b = 1 / B rounded to S, B = kSoftclipBound = 18
+//   t     = l / B                          B = kSoftclipBound = 18 (divide_by_bound)
 //   q     = rsqrt(t * t + 1)
 //   lc    = l * q                          softclip(l), in (-B, B)
 //   slope = (q * q) * q                    d softclip / dl
@@ -20,14 +20,13 @@
 //   grad_logvar = slope * ((sigma * 0.5) * E + (((v * ipv) - 1) * 0.5) * gk)
 //
 // Each operation rounds once in the compute type S (float for float16, bfloat16 and float32
-// groups, double for float64): nothing is fused. t is a product, not zuko's l / 18 (1 ulp apart
-// at most, far below anything the results resolve): a division or a square root takes the
-// divider, whose throughput bounds the CPU's KL, and the CUDA division is a dozen instructions;
-// one square root and one division per element remain, rsqrt's. The host build has -ffp-contract=off; device
+// groups, double for float64): nothing is fused. The host build has -ffp-contract=off; device
 // code goes through __fmul_rn and friends, since nvcc would fuse a * b + c. ipv and c are computed
 // in double from pv (prior_constants) and rounded once to S, as the reference rounds a Python
 // float. exp and rsqrt come from a policy M: the platform's (CPU: the vectorized polynomials of
-// cpu/cpu_math.h or PyTorch's own exp; CUDA: expf and rsqrtf, as PyTorch's CUDA ops use).
+// cpu/cpu_math.h or PyTorch's own exp; CUDA: expf and rsqrtf, as PyTorch's CUDA ops use). M also
+// says whether it has a fused multiply-add (M::kFma, M::fma), with which divide_by_bound
+// replaces its division.
 #pragma once
 
 #include <cmath>
@@ -44,9 +43,11 @@ constexpr double kSoftclipBound = 18.0;
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
 #else
 template <typename S>
 FASTBNF_HD S mul(S a, S b) { return a * b; }
@@ -54,6 +55,8 @@ template <typename S>
 FASTBNF_HD S add(S a, S b) { return a + b; }
 template <typename S>
 FASTBNF_HD S sub(S a, S b) { return a - b; }
+template <typename S>
+FASTBNF_HD S div(S a, S b) { return a / b; }
 #endif
 
 // The prior's constants of a tensor, in double, rounded to S where used.
@@ -66,10 +69,26 @@ inline PriorConstants prior_constants(double prior_var) {
   return PriorConstants{1.0 / prior_var, std::log(prior_var) - 1.0};
 }
 
+// l / B, rounded once. In float with an FMA, a product by 1 / B and two FMA corrections take
+// the place of the division: the same value for every finite float whose quotient is normal (a
+// subnormal one may differ, and squares to 0 either way), checked over all 2^32 floats. The
+// division and rsqrt's square root and division share the CPU's divider, whose throughput bounds
+// the KL there, and a CUDA division is a dozen instructions.
+template <class M, typename S>
+FASTBNF_HD S divide_by_bound(S l) {
+  if constexpr (M::kFma && sizeof(S) == sizeof(float)) {
+    const S inverse = static_cast<S>(1.0 / kSoftclipBound);
+    const S q = mul(l, inverse);
+    return M::fma(M::fma(-q, static_cast<S>(kSoftclipBound), l), inverse, q);
+  } else {
+    return div(l, static_cast<S>(kSoftclipBound));
+  }
+}
+
 // q = rsqrt((l / B)^2 + 1): softclip(l) = l * q and its slope is q^3.
 template <class M, typename S>
 FASTBNF_HD S softclip_scale(S l) {
-  const S t = mul(l, static_cast<S>(1.0 / kSoftclipBound));
+  const S t = divide_by_bound<M>(l);
   return M::rsqrt(add(mul(t, t), static_cast<S>(1)));
 }
 

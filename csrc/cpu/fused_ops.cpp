@@ -138,13 +138,16 @@ FASTBNF_INLINE S load_as(St<in_t> x) {
 // float32: cpu_math.h's exp polynomial (FMA on the AVX2 path), inline in the vectorized loops.
 template <bool kAvx2>
 struct FloatMath {
+  static constexpr bool kFma = kAvx2 && FASTBNF_HAS_AVX2_PATH;
   static FASTBNF_INLINE float exp(float x) { return exp_poly<kAvx2>(x); }
   static FASTBNF_INLINE float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
+  static FASTBNF_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 };
 
 // float64: the exps are taken over a block's array afterwards (cpu_math.h's exp_array, PyTorch's
 // own exp); in the vectorized loop this policy's exp hands out the argument.
 struct DoubleArgs {
+  static constexpr bool kFma = false;
   static FASTBNF_INLINE double exp(double x) { return x; }
   static FASTBNF_INLINE double rsqrt(double x) { return 1.0 / __builtin_sqrt(x); }
 };

@@ -54,6 +54,10 @@ template <> struct Traits<double> { using S = double; static constexpr int kMinB
 
 // exp and rsqrt of posterior_math.h on the device: the functions PyTorch's CUDA ops use.
 struct DeviceMath {
+  static constexpr bool kFma = true;
+  __device__ __forceinline__ static float fma(float a, float b, float c) {
+    return __fmaf_rn(a, b, c);
+  }
   __device__ __forceinline__ static float exp(float x) { return expf(x); }
   __device__ __forceinline__ static double exp(double x) { return ::exp(x); }
   __device__ __forceinline__ static float rsqrt(float x) { return rsqrtf(x); }
