@@ -196,6 +196,19 @@ TableCache& table_cache() {
   return *cache;
 }
 
+// The fields of a forward launch that every mode shares; the caller sets the outputs.
+cuda::ForwardArgs forward_args(const Group& group, cuda::ForwardMode mode, cudaStream_t stream) {
+  cuda::ForwardArgs args;
+  args.dtype = to_dtype(group.dtype);
+  args.out_dtype = args.dtype;
+  args.table = table_cache().get(group, stream);
+  args.num_tensors = static_cast<int64_t>(group.entries.size());
+  args.numel = group.numel;
+  args.mode = mode;
+  args.with_prior_means = group.has_prior_means;
+  return args;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
     std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
@@ -218,16 +231,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
   at::Tensor workspace;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  cuda::ForwardArgs args;
-  args.dtype = to_dtype(group.dtype);
+  cuda::ForwardArgs args = forward_args(group, cuda::ForwardMode::kSample, stream);
   args.out_dtype = to_dtype(theta_type);
-  args.table = table_cache().get(group, stream);
-  args.num_tensors = static_cast<int64_t>(group.entries.size());
-  args.numel = group.numel;
   args.samples = samples;
-  args.mode = cuda::ForwardMode::kSample;
   args.with_kl = with_kl;
-  args.with_prior_means = group.has_prior_means;
   args.out = theta.data_ptr();
   args.kl = kl.data_ptr();
   args.rng_state = rng_state.data_ptr<int64_t>();
@@ -346,15 +353,8 @@ at::Tensor kl_kernel(at::TensorList means, at::TensorList logvars, double prior_
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(cuda::forward_workspace_bytes(group.numel))},
                 options.dtype(at::kByte));
-  cuda::ForwardArgs args;
-  args.dtype = to_dtype(group.dtype);
-  args.out_dtype = args.dtype;
-  args.table = table_cache().get(group, stream);
-  args.num_tensors = static_cast<int64_t>(group.entries.size());
-  args.numel = group.numel;
-  args.mode = cuda::ForwardMode::kKL;
+  cuda::ForwardArgs args = forward_args(group, cuda::ForwardMode::kKL, stream);
   args.with_kl = true;
-  args.with_prior_means = group.has_prior_means;
   args.kl = result.data_ptr();
   args.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
@@ -371,13 +371,7 @@ at::Tensor variance_kernel(at::TensorList logvars) {
       at::empty({group.numel}, at::TensorOptions().device(group.device).dtype(group.dtype));
   if (group.numel == 0) return result;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cuda::ForwardArgs args;
-  args.dtype = to_dtype(group.dtype);
-  args.out_dtype = args.dtype;
-  args.table = table_cache().get(group, stream);
-  args.num_tensors = static_cast<int64_t>(group.entries.size());
-  args.numel = group.numel;
-  args.mode = cuda::ForwardMode::kVariance;
+  cuda::ForwardArgs args = forward_args(group, cuda::ForwardMode::kVariance, stream);
   args.out = result.data_ptr();
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
