@@ -20,16 +20,18 @@
 #include <typeinfo>
 #include <vector>
 
+#include "message.h"
+
 namespace fastbnf {
 namespace {
 
 std::vector<at::Tensor> views_like(const at::Tensor& flat, at::TensorList like) {
-  TORCH_CHECK(flat.dim() == 1 && flat.is_contiguous(),
-              "fastbnf::views_like: flat must be a contiguous 1-dim tensor, got shape ",
-              flat.sizes());
+  FASTBNF_CHECK_VALUE(flat.dim() == 1 && flat.is_contiguous(),
+                      "fastbnf::views_like: flat must be a contiguous 1-dim tensor, got shape ",
+                      flat.sizes());
   // The pieces copy the buffer's TensorImpl by hand: wrappers (functorch, subclasses) differ.
-  TORCH_CHECK(typeid(*flat.unsafeGetTensorImpl()) == typeid(c10::TensorImpl),
-              "fastbnf::views_like: flat must be a plain dense tensor");
+  FASTBNF_CHECK_VALUE(typeid(*flat.unsafeGetTensorImpl()) == typeid(c10::TensorImpl),
+                      "fastbnf::views_like: flat must be a plain dense tensor");
   std::vector<at::Tensor> pieces;
   pieces.reserve(like.size());
   int64_t offset = flat.storage_offset();
@@ -43,8 +45,8 @@ std::vector<at::Tensor> views_like(const at::Tensor& flat, at::TensorList like) 
     offset += t.numel();
     pieces.push_back(std::move(piece));
   }
-  TORCH_CHECK(offset == end, "fastbnf::views_like: the tensors hold ",
-              offset - flat.storage_offset(), " elements but flat has ", flat.numel());
+  FASTBNF_CHECK_VALUE(offset == end, "fastbnf::views_like: the tensors hold ",
+                      offset - flat.storage_offset(), " elements but flat has ", flat.numel());
   return pieces;
 }
 

@@ -388,9 +388,9 @@ def test_views_like_matches_unflatten():
 
 def test_views_like_rejects_a_size_mismatch():
     like = [torch.empty(3), torch.empty(4)]
-    with pytest.raises(RuntimeError, match="the tensors hold 7 elements but flat has 6"):
+    with pytest.raises(ValueError, match="the tensors hold 7 elements but flat has 6"):
         K.views_like(torch.zeros(6), like)
-    with pytest.raises(RuntimeError, match="contiguous 1-dim"):
+    with pytest.raises(ValueError, match=r"contiguous 1-dim tensor, got shape \(7, 1\)"):
         K.views_like(torch.zeros(7, 1), like)
 
 

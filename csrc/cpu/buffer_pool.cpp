@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
+#include "message.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -57,8 +59,10 @@ class BufferPool {
     }
     void* ptr = nullptr;
     const size_t alignment = bytes >= kHugePage ? kHugePage : kPage;
-    TORCH_CHECK(posix_memalign(&ptr, alignment, bytes) == 0 && ptr != nullptr,
-                "fastbnf: could not allocate ", bytes, " bytes for a kernel output");
+    if (posix_memalign(&ptr, alignment, bytes) != 0 || ptr == nullptr) {
+      C10_THROW_ERROR(OutOfMemoryError, message::build("fastbnf: could not allocate ", bytes,
+                                                       " bytes for a kernel output"));
+    }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     // Advice only: where transparent huge pages are off it changes nothing.
     if (bytes >= kHugePage) madvise(ptr, bytes & ~(kHugePage - 1), MADV_HUGEPAGE);
