@@ -7,12 +7,12 @@ results as their plain equivalents; and the cases a user meets through a model w
 """
 
 import math
+
 import pytest
 import torch
 import torch.nn as nn
 
 import fastbnf
-
 from fastbnf._backend import has_kernel
 
 OPS = torch.ops.fastbnf
@@ -89,8 +89,8 @@ def bad_inputs(device: str) -> list[tuple[str, tuple, type, str]]:
         ("sample", (means, logvars, -1, None, False, *prior, 0), ValueError,
          "fastbnf::sample: n must be non-negative, got -1"),
         ("sample", (means, logvars, None, torch.int32, False, *prior, 0), TypeError,
-         r"fastbnf::sample: out_dtype must be torch.float16, torch.bfloat16 or the group's "
-         r"dtype \(torch.float32\), got torch.int32"),
+         (r"fastbnf::sample: out_dtype must be torch.float16, torch.bfloat16 or the group's "
+          r"dtype \(torch.float32\), got torch.int32")),
         ("sample", (means, logvars, None, torch.float64, False, *prior, 0), TypeError,
          r"out_dtype must be .* got torch.float64"),
         ("sample_backward", (grad[:4], one, means, logvars, rng, True, *prior), ValueError,
@@ -98,8 +98,8 @@ def bad_inputs(device: str) -> list[tuple[str, tuple, type, str]]:
         ("sample_backward", (grad.int(), one, means, logvars, rng, True, *prior), TypeError,
          rf"fastbnf::sample_backward: grad_theta has dtype torch.int32, expected {FLOATING}"),
         ("sample_backward", (grad, one, means, logvars, rng[:1], True, *prior), ValueError,
-         rf"fastbnf::sample_backward: rng_state must be an int64 tensor of shape \(2,\) on "
-         rf"{dev}, got torch.int64 of shape \(1,\) on {dev}"),
+         (rf"fastbnf::sample_backward: rng_state must be an int64 tensor of shape \(2,\) on "
+          rf"{dev}, got torch.int64 of shape \(1,\) on {dev}")),
         ("sample_backward", (grad, one, means, logvars, rng.int(), True, *prior), ValueError,
          r"rng_state must be an int64 tensor of shape \(2,\) .* got torch.int32 of shape \(2,\)"),
         ("sample_backward", (grad, torch.ones(2, device=device), means, logvars, rng, True, *prior),

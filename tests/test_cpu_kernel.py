@@ -15,12 +15,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from philox_twin import numpy_normals
 
 import fastbnf
-
 from fastbnf import reference
 from fastbnf._backend import has_kernel
-from philox_twin import numpy_normals
 
 pytestmark = pytest.mark.skipif(not has_kernel("cpu"), reason="CPU kernel not built")
 
@@ -165,101 +164,6 @@ def test_generic_path_draws_the_same_stream(dtype):
     torch.testing.assert_close(grads[1], other[4], **noise)
     torch.testing.assert_close(K.variance_kernel(logvars), other[5], **exact)
     torch.testing.assert_close(kl, other[1], **exact)
-
-
-# --------------------------------------------------------------------------------------------
-# float16 and bfloat16 groups: read, computed in float32, rounded once on store.
-
-
-def softclip64(lv):
-    q = (lv / 18.0).square().add(1).rsqrt()
-    return lv * q, q.pow(3)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n", [None, 3])
-def test_low_precision_groups(dtype, n):
-    r"""A float16/bfloat16 group gives the results of the float32 group of the same numbers,
-    rounded once to its dtype (the arithmetic is float32), and so the float64 formulas within
-    its rounding."""
-
-    shapes = [(700,), (3, 5), (), (4500,)]  # two chunks, pieces across the boundary
-    means, logvars = make_group(dtype, shapes=shapes, seed=3, lv_range=(-7.0, 3.0))
-    generator = torch.Generator().manual_seed(4)
-    prior_means = [(torch.randn(s, generator=generator) * 0.1).to(dtype) for s in shapes]
-    prior = (0.7, [0.5, 1.5, 2.0, 0.9], prior_means)
-    up = [[t.float() for t in ts] for ts in (means, logvars, prior_means)]
-    prior32 = (*prior[:2], up[2])
-    N = sum(m.numel() for m in means)
-
-    torch.manual_seed(7)
-    theta, kl, state = K.sample_kernel(means, logvars, n, None, True, *prior, 0)
-    torch.manual_seed(7)
-    theta32, kl32, state32 = K.sample_kernel(up[0], up[1], n, None, True, *prior32, 0)
-    assert theta.dtype == kl.dtype == dtype and torch.equal(state, state32)
-    assert torch.equal(theta, theta32.to(dtype))
-    assert torch.equal(K.kl_kernel(means, logvars, *prior), kl)
-    torch.testing.assert_close(kl.float(), kl32, rtol=2 ** -7, atol=0)
-
-    g = torch.randn(theta.shape, generator=generator).to(dtype)
-    grads = K.sample_backward_kernel(g, torch.tensor(0.3), means, logvars, state, True, *prior)
-    grads32 = K.sample_backward_kernel(g, torch.tensor(0.3), *up[:2], state, True, *prior32)
-    kl_grads = K.kl_backward_kernel(torch.tensor(0.3), means, logvars, *prior)
-    kl_grads32 = K.kl_backward_kernel(torch.tensor(0.3), *up[:2], *prior32)
-    variance = K.variance_kernel(logvars)
-    for low, full in [*zip(grads, grads32), *zip(kl_grads, kl_grads32),
-                      (variance, K.variance_kernel(up[1]))]:
-        assert low.dtype == dtype and torch.equal(low, full.to(dtype))
-
-    # The float64 formulas, with the noise of the NumPy twin.
-    mu, lv, m = (flat(ts).double() for ts in (means, logvars, prior_means))
-    pv = torch.tensor(prior[1], dtype=torch.float64).repeat_interleave(
-        torch.tensor([max(1, int(np.prod(s))) for s in shapes])
-    )
-    lc, slope = softclip64(lv)
-    sigma, v = (lc / 2).exp(), lc.exp()
-    eps = torch.from_numpy(numpy_normals(*state.tolist(), np.arange(theta.numel())))
-    eps = eps.reshape(theta.shape)
-    g = g.double()
-    g_sum, ge_sum = (g.sum(0), (g * eps).sum(0)) if n else (g, g * eps)
-    expected = {
-        "theta": mu + sigma * eps,
-        "kl": (0.5 * ((v + (mu - m) ** 2) / pv + pv.log() - 1 - lc)).sum(),
-        "grad_mu": g_sum + 0.3 * (mu - m) / pv,
-        "grad_logvar": slope * (0.5 * sigma * ge_sum + 0.3 * 0.5 * (v / pv - 1)),
-        "variance": v,
-    }
-    got = dict(theta=theta, kl=kl, grad_mu=grads[0], grad_logvar=grads[1], variance=variance)
-    # One rounding to the dtype (half an ulp: 2^-11 / 2^-8 relatively) and float32's few ulp.
-    rtol = 2 ** -10 if dtype == torch.float16 else 2 ** -7
-    for name, value in got.items():
-        assert value.shape == (expected[name].shape if name != "kl" else ()), name
-        torch.testing.assert_close(value.double(), expected[name], rtol=rtol, atol=1e-5,
-                                   msg=lambda text, name=name: f"{name}: {text}")
-    assert N == theta.shape[-1]
-
-
-def test_low_precision_group_reads_every_gradient_dtype():
-    r"""A float16 group's samples in bfloat16, and gradients of the samples in float16,
-    bfloat16 (read in place) or float32 (converted once to the group's dtype)."""
-
-    means, logvars = make_group(torch.float16, shapes=[(300,), (5, 7)])
-    torch.manual_seed(2)
-    theta, _, state = K.sample_kernel(means, logvars, None, torch.bfloat16, False, 1.0, None, None, 0)
-    torch.manual_seed(2)
-    theta16, _, _ = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
-    assert theta.dtype == torch.bfloat16 and theta16.dtype == torch.float16
-    torch.testing.assert_close(theta.float(), theta16.float(), rtol=2 ** -7, atol=1e-3)
-    g = torch.randn(theta.shape)
-    results = [
-        K.sample_backward_kernel(g.to(dt), torch.tensor(0.0), means, logvars, state, False, 1.0,
-                                 None, None)
-        for dt in (torch.float16, torch.bfloat16, torch.float32)
-    ]
-    for grads in results:
-        assert all(x.dtype == torch.float16 for x in grads)
-    # float32 gradients become float16 ones (the group's dtype): the same results.
-    assert torch.equal(results[0][0], results[2][0]) and torch.equal(results[0][1], results[2][1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,7 @@ r"""CUDA-specific behaviour of the fused kernel ops ``fastbnf::<name>_kernel`` (
 
 Parity with the reference, the noise stream against the NumPy Philox twin, statistics and bad
 inputs are tested for every device in tests/test_kernels.py. Here: what only the CUDA kernels do
--- one launch per op whatever the number of tensors; every pair of group and output dtypes the
-kernels are instantiated for; the host-built tile map and the vector and scalar paths on many
+-- one launch per op whatever the number of tensors; the host-built tile map and the vector and scalar paths on many
 small odd-sized tensors (against float64 formulas from the NumPy twin); a KL that does not depend
 on the grid; the device-table cache across streams and under CUDA graph capture (a training step
 captured without a warm-up, then eager calls); the domain separation of fastbnf's Philox key
@@ -18,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from closed_form import Formulas, expected_eps, softclip64
+from philox_twin import numpy_normals as _normals
 
 import fastbnf
-
 from fastbnf._backend import has_kernel
-from philox_twin import numpy_normals as _normals
 
 _CUDA = torch.cuda.is_available()
 
@@ -47,113 +46,6 @@ def make_group(dtype=torch.float32, shapes=((7, 3), (129,), (64, 33)), seed=0,
     means = [m.to(device=device, dtype=dtype) for m in means]
     logvars = [v.to(device=device, dtype=dtype) for v in logvars]
     return means, logvars
-
-
-def f64(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors]).double().cpu()
-
-
-def softclip64(x):
-    return x / torch.sqrt(1 + (x / 18.0) ** 2)
-
-
-def expected_eps(rng_state, n_samples, numel):
-    r"""eps of every flat sample index, float64, from the NumPy twin: (n_samples, numel)."""
-
-    stream_seed, offset = rng_state.cpu().tolist()
-    j = np.arange(n_samples * numel, dtype=np.uint64)
-    return torch.from_numpy(_normals(stream_seed, offset, j)).reshape(n_samples, numel)
-
-
-class Formulas:
-    r"""The float64 formulas of csrc/README.md for one group and prior."""
-
-    def __init__(self, means, logvars, prior_var=1.0, prior_vars=None, prior_means=None):
-        self.mu = f64(means)
-        self.x = f64(logvars)
-        self.lc = softclip64(self.x)
-        self.slope = (1 + (self.x / 18.0) ** 2) ** -1.5
-        self.sigma = (self.lc / 2).exp()
-        sizes = torch.tensor([m.numel() for m in means])
-        self.pv = (
-            torch.full_like(self.mu, prior_var)
-            if prior_vars is None
-            else torch.tensor(prior_vars, dtype=torch.float64).repeat_interleave(sizes)
-        )
-        self.m = torch.zeros_like(self.mu) if prior_means is None else f64(prior_means)
-
-    def theta(self, eps):
-        return self.mu + self.sigma * eps
-
-    def kl(self):
-        d = self.mu - self.m
-        terms = 0.5 * (self.lc.exp() / self.pv + d * d / self.pv + self.pv.log() - self.lc - 1)
-        return terms.sum()
-
-    def grads(self, g, eps, gk=None):
-        r"""g, eps: (n, N) float64; gk: the KL's incoming gradient or None."""
-
-        grad_mu = g.sum(0)
-        grad_lv = self.slope * 0.5 * self.sigma * (g * eps).sum(0)
-        if gk is not None:
-            grad_mu = grad_mu + gk * (self.mu - self.m) / self.pv
-            grad_lv = grad_lv + self.slope * gk * 0.5 * (self.lc.exp() / self.pv - 1)
-        return grad_mu, grad_lv
-
-
-# --------------------------------------------------------------------------------------------
-# Every instantiation: group dtype x output (theta, grad_theta) dtype
-
-COMBOS = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.float16),
-    (torch.float32, torch.bfloat16),
-    (torch.float64, torch.float64),
-    (torch.float64, torch.float16),
-    (torch.float64, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.bfloat16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float16),
-]
-
-
-def _rel(dtype):
-    r"""A relative tolerance of one rounding to dtype plus the float32 arithmetic."""
-
-    return {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3,
-            torch.bfloat16: 1.6e-2}[dtype]
-
-
-@pytest.mark.parametrize("dtype,out_dtype", COMBOS, ids=lambda d: str(d).split(".")[-1])
-def test_dtype_pairs(dtype, out_dtype):
-    r"""Forward and backward of every kernel instantiation against the float64 formulas:
-    float16 and bfloat16 groups compute in float32 and round once on store."""
-
-    means, logvars = make_group(dtype, lv_range=(-4.0, 0.0))
-    f = Formulas(means, logvars, 0.5)
-    out = None if out_dtype == dtype else out_dtype
-    theta, kl, rng_state = K.sample_kernel(means, logvars, 2, out, True, 0.5, None, None, 0)
-    assert theta.dtype == out_dtype and kl.dtype == dtype
-    numel = theta.shape[1]
-    eps = expected_eps(rng_state, 2, numel)
-    tol = max(_rel(dtype), _rel(out_dtype))
-    torch.testing.assert_close(theta.double().cpu(), f.theta(eps), rtol=tol, atol=4 * tol)
-    torch.testing.assert_close(kl.double().cpu(), f.kl(), rtol=_rel(dtype), atol=1e-3)
-
-    grad = torch.randn(theta.shape, device="cuda").to(out_dtype)
-    gk = torch.tensor(0.7, dtype=dtype, device="cuda")
-    grad_mu, grad_lv = K.sample_backward_kernel(
-        grad, gk, means, logvars, rng_state, True, 0.5, None, None
-    )
-    assert grad_mu.dtype == dtype and grad_lv.dtype == dtype
-    exp_mu, exp_lv = f.grads(grad.double().cpu(), eps, gk.double().item())
-    torch.testing.assert_close(grad_mu.double().cpu(), exp_mu, rtol=tol, atol=4 * tol)
-    torch.testing.assert_close(grad_lv.double().cpu(), exp_lv, rtol=tol, atol=4 * tol)
-
-    var = K.variance_kernel(logvars)
-    assert var.dtype == dtype
-    torch.testing.assert_close(var.double().cpu(), f.lc.exp(), rtol=_rel(dtype), atol=0)
 
 
 # --------------------------------------------------------------------------------------------

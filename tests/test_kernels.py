@@ -8,6 +8,7 @@ kernels (skipped without a GPU). They check:
   rsqrt are not the CPU's);
 * the noise against a NumPy Philox written independently (``philox_twin.py``), its key, its
   statistics and its independence from PyTorch's own random streams;
+* every pair of group and sample dtypes the kernels are built for, against float64 formulas;
 * groups of many odd-sized tensors spanning many chunks and tiles, low-precision samples and
   gradients, edge cases, and ``torch.library.opcheck``.
 
@@ -19,11 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import fastbnf  # noqa: F401 (declares the ops)
-
-from fastbnf import reference
-from fastbnf._backend import has_kernel
+from closed_form import Formulas, expected_eps
 from philox_twin import (
     KEY_DOMAIN,
     STREAM_MIX,
@@ -34,6 +31,10 @@ from philox_twin import (
     philox_key,
     philox_words,
 )
+
+import fastbnf  # noqa: F401 (declares the ops)
+from fastbnf import reference
+from fastbnf._backend import has_kernel
 
 K = torch.ops.fastbnf
 
@@ -307,8 +308,8 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     means, logvars = make_group(device, dtype, shapes=MANY, seed=4)
     args = prior_options("per_tensor", means)
     eps, rng_state = kernel_eps(device, MANY, 3, seed=9)
-    expected_eps = numpy_normals(*rng_state.tolist(), np.arange(eps.numel())).reshape(eps.shape)
-    torch.testing.assert_close(eps.double().cpu(), torch.from_numpy(expected_eps), rtol=1e-6, atol=2e-7)
+    twin_eps = numpy_normals(*rng_state.tolist(), np.arange(eps.numel())).reshape(eps.shape)
+    torch.testing.assert_close(eps.double().cpu(), torch.from_numpy(twin_eps), rtol=1e-6, atol=2e-7)
 
     torch.manual_seed(9)
     theta, kl, _ = K.sample_kernel(means, logvars, 3, None, True, *args, 0)
@@ -329,6 +330,61 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     scales = closed_form_scales(means, logvars, args, g, eps, grad_kl)
     for got, ref, scale in zip(out, expected, scales):
         assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Every pair of group and output (theta, grad_theta) dtypes, against the float64 formulas
+
+COMBOS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.float64, torch.float64),
+    (torch.float64, torch.float16),
+    (torch.float64, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float16),
+]
+
+
+def _rel(dtype):
+    r"""A relative tolerance of one rounding to dtype plus the float32 arithmetic."""
+
+    return {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3,
+            torch.bfloat16: 1.6e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype,out_dtype", COMBOS, ids=lambda d: str(d).split(".")[-1])
+def test_dtype_pairs(device, dtype, out_dtype):
+    r"""Forward and backward of every kernel instantiation against the float64 formulas:
+    float16 and bfloat16 groups compute in float32 and round once on store."""
+
+    means, logvars = make_group(device, dtype, lv_range=(-4.0, 0.0))
+    f = Formulas(means, logvars, 0.5)
+    out = None if out_dtype == dtype else out_dtype
+    theta, kl, rng_state = K.sample_kernel(means, logvars, 2, out, True, 0.5, None, None, 0)
+    assert theta.dtype == out_dtype and kl.dtype == dtype
+    numel = theta.shape[1]
+    eps = expected_eps(rng_state, 2, numel)
+    tol = max(_rel(dtype), _rel(out_dtype))
+    torch.testing.assert_close(theta.double().cpu(), f.theta(eps), rtol=tol, atol=4 * tol)
+    torch.testing.assert_close(kl.double().cpu(), f.kl(), rtol=_rel(dtype), atol=1e-3)
+
+    grad = torch.randn(theta.shape, device=device).to(out_dtype)
+    gk = torch.tensor(0.7, dtype=dtype, device=device)
+    grad_mu, grad_lv = K.sample_backward_kernel(
+        grad, gk, means, logvars, rng_state, True, 0.5, None, None
+    )
+    assert grad_mu.dtype == dtype and grad_lv.dtype == dtype
+    exp_mu, exp_lv = f.grads(grad.double().cpu(), eps, gk.double().item())
+    torch.testing.assert_close(grad_mu.double().cpu(), exp_mu, rtol=tol, atol=4 * tol)
+    torch.testing.assert_close(grad_lv.double().cpu(), exp_lv, rtol=tol, atol=4 * tol)
+
+    var = K.variance_kernel(logvars)
+    assert var.dtype == dtype
+    torch.testing.assert_close(var.double().cpu(), f.lc.exp(), rtol=_rel(dtype), atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +600,29 @@ def test_low_precision_rounding_of_special_values(device):
         torch.testing.assert_close(theta, theta32.to(out_dtype), rtol=0, atol=0, equal_nan=True)
 
 
+def test_low_precision_group_reads_every_gradient_dtype(device):
+    r"""A float16 group's samples in bfloat16, and gradients of the samples in float16,
+    bfloat16 (read in place) or float32 (converted once to the group's dtype)."""
+
+    means, logvars = make_group(device, torch.float16, shapes=[(300,), (5, 7)])
+    torch.manual_seed(2)
+    theta, _, state = K.sample_kernel(means, logvars, None, torch.bfloat16, False, 1.0, None, None, 0)
+    torch.manual_seed(2)
+    theta16, _, _ = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
+    assert theta.dtype == torch.bfloat16 and theta16.dtype == torch.float16
+    torch.testing.assert_close(theta.float(), theta16.float(), rtol=2 ** -7, atol=1e-3)
+    g = torch.randn(theta.shape, device=device)
+    results = [
+        K.sample_backward_kernel(g.to(dt), torch.tensor(0.0, device=device), means, logvars, state, False, 1.0,
+                                 None, None)
+        for dt in (torch.float16, torch.bfloat16, torch.float32)
+    ]
+    for grads in results:
+        assert all(x.dtype == torch.float16 for x in grads)
+    # float32 gradients become float16 ones (the group's dtype): the same results.
+    assert torch.equal(results[0][0], results[2][0]) and torch.equal(results[0][1], results[2][1])
+
+
 # --------------------------------------------------------------------------------------------
 # Edge cases.
 
@@ -644,7 +723,7 @@ def header_constant(name: str) -> str:
     common = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "common"
     text = "".join(p.read_text() for p in sorted(common.glob("*.h")))
     (value,) = re.findall(rf"constexpr \w+ {name} = ([^;]+);", text)
-    return value.rstrip("ull").rstrip("u")
+    return value.removesuffix("ull")
 
 
 def test_python_constants_are_the_headers():
