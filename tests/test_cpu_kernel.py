@@ -2,9 +2,8 @@ r"""CPU-specific tests of the fused CPU kernel ops ``fastbnf::<name>_kernel`` (c
 
 Parity with the reference, the noise stream, seeds, statistics, edge cases and bad inputs are
 tested for every device in tests/test_kernels.py. Here: determinism across thread counts (and
-that the work was split), the generic (non-AVX2) path, float16/bfloat16 groups against the
-float32 kernels and float64 formulas, the pool of large outputs, the build's floating-point
-environment and the eager path's helpers.
+that the work was split), the generic (non-AVX2) path, the pool of large outputs, the build's
+floating-point environment and the eager path's helpers.
 """
 
 import os
