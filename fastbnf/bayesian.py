@@ -37,6 +37,9 @@ class _Group:
 
 
 def _check_finite(value: Any, argument: str) -> float:
+    # A 0-dim real tensor counts as a number, as in zuko; bool is a Real but never a number here.
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{argument} must be a finite number, got {value!r}.")
     return float(value)
@@ -76,12 +79,22 @@ class BayesianModel(nn.Module):
     ) -> None:
         init_logvar = _check_finite(init_logvar, "init_logvar")
 
+        if not isinstance(fold_rank, bool):
+            raise ValueError(f"fold_rank must be True or False, got {fold_rank!r}.")
+
         if sample_dtype is not None and sample_dtype not in _LOW_PRECISION:
             raise ValueError(
                 f"sample_dtype must be None, torch.float16 or torch.bfloat16, got {sample_dtype}."
             )
 
         selected = select_parameters(base, include_params, exclude_params)
+
+        for s in selected:
+            if abs(init_logvar) > torch.finfo(s.param.dtype).max:
+                raise ValueError(
+                    f"init_logvar={init_logvar} overflows {s.param.dtype}, the dtype of "
+                    f"{s.name!r}."
+                )
 
         super().__init__()
 
@@ -264,8 +277,7 @@ class BayesianModel(nn.Module):
             The sampled parameters, keyed by parameter name.
         """
 
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"n must be None or a positive integer, got {n!r}.")
+        n = _predict.check_positive(n, "n", optional=True)
 
         samples, _ = self._sample_groups(n=n)
 
@@ -317,7 +329,18 @@ class BayesianModel(nn.Module):
         with torch.no_grad():
             params = self.sample_params()
 
-        new_base = copy.deepcopy(self.base)
+        # Inside reparameterize() the base holds samples where its parameters were: the copy
+        # gets (copies of) the parameters back in their places, tied ones still tied.
+        memo, copies = {}, {}
+        if self._active:
+            for group in self._get_groups():
+                for module, attribute, i in group.places:
+                    original = group.inits[i]
+                    if id(original) not in copies:
+                        copies[id(original)] = copy.deepcopy(original)
+                    memo[id(module._parameters[attribute])] = copies[id(original)]
+
+        new_base = copy.deepcopy(self.base, memo)
         new_base.load_state_dict(params, strict=False)
 
         for name in params:
@@ -521,17 +544,25 @@ class BayesianModel(nn.Module):
     ):
         r"""Copies parameters and buffers from a state dict, after checking all of it.
 
-        Unlike :meth:`torch.nn.Module.load_state_dict`, every key and shape is checked before
-        anything is copied, so a bad checkpoint leaves the model unchanged.
+        Unlike :meth:`torch.nn.Module.load_state_dict`, every key, shape and value (a tensor,
+        and one with data unless ``assign``) is checked before anything is copied, so a bad
+        checkpoint leaves the model unchanged.
         """
 
         expected = self.state_dict()
-        problems = [
-            f"{key}: shape {tuple(value.shape)} in the state dict, "
-            f"{tuple(expected[key].shape)} in the model"
-            for key, value in state_dict.items()
-            if key in expected and isinstance(value, Tensor) and value.shape != expected[key].shape
-        ]
+        problems = []
+        for key, value in state_dict.items():
+            if key not in expected:
+                continue
+            if not isinstance(value, Tensor):
+                problems.append(f"{key}: a {type(value).__name__}, not a tensor")
+            elif value.shape != expected[key].shape:
+                problems.append(
+                    f"{key}: shape {tuple(value.shape)} in the state dict, "
+                    f"{tuple(expected[key].shape)} in the model"
+                )
+            elif value.is_meta and not assign:
+                problems.append(f"{key}: a meta tensor, which holds no values to copy")
 
         if strict:
             problems += [f"{key}: missing" for key in expected.keys() - state_dict.keys()]

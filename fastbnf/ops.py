@@ -20,13 +20,13 @@ __all__ = [
     "variance",
 ]
 
+import functools
 import torch
 
 from collections.abc import Sequence
 from contextlib import nullcontext
 from operator import attrgetter, is_
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._backend import backend, extension_loaded
@@ -317,6 +317,27 @@ def _profiled(name: str):
     return nullcontext()
 
 
+def _first_order(op: str):
+    r"""Decorates a backward that refuses to build a graph (``create_graph=True``): the ops
+    have no second derivatives, and their gradients must not pass for differentiable ones.
+    Without a graph to build, the engine runs backwards with gradients off already."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"fastbnf::{op} has no second derivatives: a backward with "
+                    "create_graph=True (a gradient penalty, a Hessian-vector product) through "
+                    "the samples or the KL is not supported."
+                )
+            return backward(ctx, *grads)
+
+        return checked
+
+    return decorate
+
+
 class _Kept:
     r"""The parameters an eager op reads again in its backward, kept by reference.
 
@@ -370,7 +391,10 @@ class _Sample(torch.autograd.Function):
         ctx.n = n
         ctx.link = link
         ctx.kept = _Kept(tensors)
-        ctx.save_for_backward(rng_state)
+        # An attribute, not a saved tensor: a non-differentiable output makes no reference
+        # cycle, and it outlives the first backward, so that the loss and the KL (with_kl) can
+        # be backpropagated by separate calls, as with zuko.
+        ctx.rng_state = rng_state
         ctx.mark_non_differentiable(rng_state)
 
         if ctx.split:
@@ -378,9 +402,9 @@ class _Sample(torch.autograd.Function):
         return theta, divergence, rng_state
 
     @staticmethod
-    @once_differentiable
+    @_first_order("sample")
     def backward(ctx, *grads):
-        (rng_state,) = ctx.saved_tensors
+        rng_state = ctx.rng_state
         version = _version_sum(ctx.kept.tensors)
         tensors = ctx.kept.get("sample", version)
         means, logvars = tensors[: ctx.count], tensors[ctx.count :]
@@ -461,7 +485,7 @@ class _KL(torch.autograd.Function):
         return divergence, divergence.new_zeros(())
 
     @staticmethod
-    @once_differentiable
+    @_first_order("kl")
     def backward(ctx, grad_kl, *_):
         stash = None
         if ctx.link is not None:
@@ -502,7 +526,7 @@ class _Variance(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order("variance")
     def backward(ctx, grad):
         return tuple(_variance_grad(grad, ctx.saved_tensors))
 

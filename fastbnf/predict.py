@@ -5,6 +5,7 @@ __all__ = ["check_positive", "predict"]
 import torch.nn as nn
 
 from collections.abc import Callable
+from numbers import Integral
 from torch import Tensor
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten
@@ -23,11 +24,12 @@ def check_positive(value: Any, argument: str, optional: bool = False) -> int | N
     if optional and value is None:
         return None
 
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    # numbers.Integral: NumPy's integers too; bool is an int but never a count.
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         allowed = "None or a positive integer" if optional else "a positive integer"
         raise ValueError(f"{argument} must be {allowed}, got {value!r}.")
 
-    return value
+    return int(value)
 
 
 def _tensors_only(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -135,3 +135,55 @@ def test_forcing_an_unavailable_backend(monkeypatch):
     monkeypatch.setenv("FASTBNF_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cannot run tensors on device type 'cpu'"):
         ops_input.kl_divergence()
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_fold_rank_is_a_bool(value):
+    base = MLP(3, 5)
+    with pytest.raises(ValueError, match="fold_rank must be True or False"):
+        fastbnf.BayesianModel(base, fold_rank=value)
+    assert all(p.requires_grad for p in base.parameters())  # nothing frozen
+
+
+def test_numpy_integers_count_as_integers():
+    np = pytest.importorskip("numpy")
+    model = fastbnf.BayesianModel(MLP(3, 5))
+
+    params = model.sample_params(n=np.int64(3))
+    assert all(p.shape[0] == 3 for p in params.values())
+    assert model.predict(torch.randn(2, 3), samples=np.int32(4)).shape == (4, 2, 5)
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        model.predict(torch.randn(2, 3), samples=np.int64(0))
+
+
+def test_zero_dim_tensor_prior_var():
+    model = fastbnf.BayesianModel(MLP(3, 5))
+
+    expected = model.kl_divergence(2.5)
+    torch.testing.assert_close(model.kl_divergence(torch.tensor(2.5)), expected)
+    with pytest.raises(ValueError, match="prior_var must be a finite number"):
+        model.kl_divergence(torch.tensor([2.5, 1.0]))
+    with pytest.raises(ValueError, match="prior_var must be positive"):
+        model.kl_divergence(torch.tensor(-1.0))
+
+
+def test_init_logvar_that_overflows_the_dtype():
+    base = MLP(3, 5).half()
+    with pytest.raises(ValueError, match="init_logvar=100000.0 overflows torch.float16, the dtype of '0.weight'"):
+        fastbnf.BayesianModel(base, init_logvar=1e5)
+    assert all(p.requires_grad for p in base.parameters())
+    fastbnf.BayesianModel(MLP(3, 5), init_logvar=1e5)  # fine in float32
+
+
+@pytest.mark.parametrize("bad", ["list", "meta"])
+def test_state_dict_values_are_checked_before_any_copy(bad):
+    model = fastbnf.BayesianModel(MLP(3, 5))
+    before = snapshot(model)
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    key = sorted(state)[-1]  # after the others: PyTorch would have copied them already
+    state[key] = state[key].tolist() if bad == "list" else torch.empty_like(state[key], device="meta")
+
+    message = "a list, not a tensor" if bad == "list" else "a meta tensor"
+    with pytest.raises(RuntimeError, match=f"{key}: {message}"):
+        model.load_state_dict(state)
+    assert_unchanged(model, before)

@@ -331,3 +331,50 @@ def test_op_calls_per_step_do_not_grow_with_tensors(backend):
     assert sorted(n for n in names if not n.endswith("_kernel")) == calls
     if backend == "cpp":
         assert sorted(n for n in names if n.endswith("_kernel")) == sorted(c + "_kernel" for c in calls)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sample_model_inside_reparameterize(backend, grad):
+    r"""The call the nested-context error recommends: a standalone sampled copy, whose
+    parameters are parameters (tied ones still tied), while the context is active."""
+
+    base = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    base[2].weight = base[0].weight  # tied
+    bm = fastbnf.BayesianModel(base)
+    x = torch.randn(2, 4)
+
+    with torch.set_grad_enabled(grad), bm.reparameterize() as module:
+        inside = module(x)
+        copy = bm.sample_model()
+        assert torch.equal(module(x), inside)  # the context's sample is untouched
+
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in copy.parameters())
+    assert not any(p is q for p in copy.parameters() for q in base.parameters())
+    assert copy[0].weight is copy[2].weight
+    copy(x).sum().backward()
+    assert all(p.grad is not None for p in copy.parameters())
+
+
+def test_loss_and_kl_backpropagated_separately(backend):
+    r"""With return_kl=True the loss and the KL come from one op; separate backward calls
+    still add up to the gradients of their sum, as with zuko."""
+
+    bm = fastbnf.BayesianModel(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+
+    def step(separate):
+        bm.zero_grad()
+        torch.manual_seed(0)
+        with bm.reparameterize(return_kl=True) as (module, kl):
+            loss = module(x).square().sum()
+        if separate:
+            loss.backward()
+            kl.backward()
+        else:
+            (loss + kl).backward()
+        return {k: p.grad.clone() for k, p in bm.named_parameters() if p.grad is not None}
+
+    together, apart = step(False), step(True)
+    assert together.keys() == apart.keys() and len(together) == 4
+    for key in together:
+        torch.testing.assert_close(apart[key], together[key])
