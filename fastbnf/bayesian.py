@@ -431,13 +431,25 @@ class BayesianModel(nn.Module):
         trick replaces, and the other keys."""
 
         if self._trick_cache is None:
-            layers = {}
+            # By places, not names: a weight tied between layers has one key, and every use
+            # must see the same treatment. The trick takes a weight only where all its uses are
+            # weights of trick layers (tied to an embedding, say, it is sampled as usual), and a
+            # Bayesian bias only where all its uses are biases of those layers.
+            def key_used_only_as(attribute, modules=None):
+                found = {}
+                for key, _, places in self._selected:
+                    if all(
+                        a == attribute
+                        and is_trick_layer(m)
+                        and (modules is None or m in modules)
+                        for m, a in places
+                    ):
+                        found.update((m, key) for m, _ in places)
+                return found
 
-            for name, module in self.base.named_modules():
-                prefix = name.replace(".", "-") + "-" if name else ""
-                if is_trick_layer(module) and prefix + "weight" in self.means:
-                    bias = prefix + "bias" if prefix + "bias" in self.means else None
-                    layers[module] = (prefix + "weight", bias)
+            weights = key_used_only_as("weight")
+            biases = key_used_only_as("bias", weights)
+            layers = {m: (w_key, biases.get(m)) for m, w_key in weights.items()}
 
             keys = frozenset(k for pair in layers.values() for k in pair if k is not None)
             self._trick_cache = (layers, keys, frozenset(self.means.keys()) - keys)

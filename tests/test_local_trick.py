@@ -1,5 +1,6 @@
 r"""The fused local reparameterization trick: zuko's semantics, its statistics, its cost."""
 
+import copy
 import pytest
 import torch
 import torch.nn as nn
@@ -209,3 +210,57 @@ def test_mixed_model_samples_only_the_other_parameters(backend, monkeypatch):
     # Only the LayerNorm's weight and bias were drawn.
     assert sampled == [16]
     assert all(p.grad is not None for p in [*bm.means.values(), *bm.logvars.values()])
+
+
+class TiedToEmbedding(nn.Module):
+    r"""A Linear whose weight an embedding shares (the Linear registered first: its name is
+    the key)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(4, 10)
+        self.emb = nn.Embedding(10, 4)
+        self.emb.weight = self.out.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("make, x", [
+    (TiedToEmbedding, torch.tensor([1, 4, 4, 7])),
+    (TiedLinears, torch.randn(5, 6)),
+], ids=["linear-and-embedding", "two-linears"])
+def test_tied_weights_get_one_treatment(backend, make, x):
+    r"""Every use of a tied weight is sampled alike or takes the trick alike, with the whole
+    gradient: with a posterior this narrow both ways give the mean model's gradients."""
+
+    torch.manual_seed(0)
+    base = make()
+    plain = copy.deepcopy(base)
+    plain(x).square().sum().backward()
+    bm = fastbnf.BayesianModel(base, init_logvar=-30.0)
+    key = [k for k in bm.means if k.endswith("weight")][0]
+    expected = plain.get_parameter(key.replace("-", ".")).grad
+    layers, skip, _ = bm._trick_plan()
+
+    for local_trick in (False, True):
+        bm.zero_grad()
+        with bm.reparameterize(local_trick=local_trick) as module:
+            module(x).square().sum().backward()
+        error = (bm.means[key].grad - expected).abs().max()
+        assert error < 0.01 * expected.abs().max(), (local_trick, error)
+    if make is TiedLinears:  # both layers take the trick, the weight is not sampled
+        assert set(layers) == {bm.base.a, bm.base.b} and key in skip
+    else:  # the embedding needs the sample: the Linear does not take the trick
+        assert key not in skip and bm.base.out not in layers
