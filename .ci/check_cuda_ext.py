@@ -16,8 +16,8 @@ import time
 
 os.environ.setdefault("FASTBNF_BUILD_EXT", "0")
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import load  # noqa: E402
+import torch
+from torch.utils.cpp_extension import load
 
 
 def main(build_dir: str) -> int:

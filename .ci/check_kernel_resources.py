@@ -44,7 +44,9 @@ def toolkit_includes(nvcc: str) -> list[str]:
     try:
         out = subprocess.run(
             [nvcc, "--dryrun", "-x", "cu", "-E", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return []
@@ -60,16 +62,36 @@ def compile_one(nvcc: str, includes: list[str], root: Path, cu: Path, arch: str,
     keep = work / f"{cu.stem}-sm{arch}"
     keep.mkdir(parents=True, exist_ok=True)
     cmd = [
-        nvcc, "-std=c++17", "-O3", f"-I{root / 'csrc'}", *includes,
-        "-gencode", f"arch=compute_{arch},code=sm_{arch}",
-        "-Werror", "all-warnings", "--resource-usage", "--keep", "--keep-dir", str(keep),
-        "-c", str(cu), "-o", str(keep / f"{cu.stem}.o"),
+        nvcc,
+        "-std=c++17",
+        "-O3",
+        f"-I{root / 'csrc'}",
+        *includes,
+        "-gencode",
+        f"arch=compute_{arch},code=sm_{arch}",
+        "-Werror",
+        "all-warnings",
+        "--resource-usage",
+        "--keep",
+        "--keep-dir",
+        str(keep),
+        "-c",
+        str(cu),
+        "-o",
+        str(keep / f"{cu.stem}.o"),
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=keep)
     ptx = sorted(keep.glob("*.ptx"))
     ptx_text = ptx[0].read_text() if ptx else ""
-    return cu, arch, proc.returncode, proc.stdout + proc.stderr, ptx_text, time.perf_counter() - start
+    return (
+        cu,
+        arch,
+        proc.returncode,
+        proc.stdout + proc.stderr,
+        ptx_text,
+        time.perf_counter() - start,
+    )
 
 
 def parse_resources(text: str) -> dict[str, dict]:
@@ -86,8 +108,9 @@ def parse_resources(text: str) -> dict[str, dict]:
             continue
         if current is None:
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                      line)
+        m = re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line
+        )
         if m:
             current["stack"], current["spill_st"], current["spill_ld"] = map(int, m.groups())
         m = re.search(r"Used (\d+) registers", line)
@@ -96,7 +119,9 @@ def parse_resources(text: str) -> dict[str, dict]:
     return funcs
 
 
-HEADER = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+|\.extern\s+)*\.(entry|func)\s+(?:\([^)]*\)\s*)?([\w$.]+)")
+HEADER = re.compile(
+    r"^\s*(?:\.visible\s+|\.weak\s+|\.extern\s+)*\.(entry|func)\s+(?:\([^)]*\)\s*)?([\w$.]+)"
+)
 OPCODE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)[\s;]")
 
 
@@ -150,7 +175,7 @@ def short_name(demangled: str) -> str:
     head = demangled.replace("(anonymous namespace)::", "")
     head = head.split("(", 1)[0] if "(" in head else head
     if head.startswith("void "):
-        head = head[len("void "):]
+        head = head[len("void ") :]
     # Drop the namespaces outside the template arguments.
     depth, cut = 0, 0
     for i, ch in enumerate(head):
@@ -164,7 +189,7 @@ def short_name(demangled: str) -> str:
 
 
 def template_args(name: str) -> str:
-    return name[name.index("<"):] if "<" in name else ""
+    return name[name.index("<") :] if "<" in name else ""
 
 
 def is_double(name: str, mangled: str) -> bool:
@@ -199,8 +224,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fastbnf-resources-") as tmp:
         jobs = [(cu, arch) for cu in sources for arch in ARCHS]
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            results = list(pool.map(
-                lambda job: compile_one(nvcc, includes, root, job[0], job[1], Path(tmp)), jobs))
+            results = list(
+                pool.map(
+                    lambda job: compile_one(nvcc, includes, root, job[0], job[1], Path(tmp)), jobs
+                )
+            )
     for cu, arch, rc, log, ptx_text, seconds in results:
         rel = cu.relative_to(root)
         print(f"nvcc {rel} sm_{arch}: rc={rc} in {seconds:.0f} s")
@@ -219,30 +247,49 @@ def main() -> int:
             name = short_name(pretty[mangled])
             f64 = ptx.get(mangled, {"add": 0, "other": 0, "data": 0, "ops": set()})
             fp64 = is_double(name, mangled)
-            rows.append((name, arch, r.get("registers", -1), r.get("stack", -1),
-                         r.get("spill_st", -1), r.get("spill_ld", -1), f64, fp64))
+            rows.append(
+                (
+                    name,
+                    arch,
+                    r.get("registers", -1),
+                    r.get("stack", -1),
+                    r.get("spill_st", -1),
+                    r.get("spill_ld", -1),
+                    f64,
+                    fp64,
+                )
+            )
             where = f"{name} sm_{arch}"
             if not fp64:
                 if r.get("stack", 0) or r.get("spill_st", 0) or r.get("spill_ld", 0):
-                    failures.append(f"{where}: stack frame {r.get('stack')} B, spills "
-                                    f"{r.get('spill_st')}/{r.get('spill_ld')} B")
+                    failures.append(
+                        f"{where}: stack frame {r.get('stack')} B, spills "
+                        f"{r.get('spill_st')}/{r.get('spill_ld')} B"
+                    )
                 if r.get("registers", 0) > MAX_REGISTERS:
                     failures.append(f"{where}: {r['registers']} registers > {MAX_REGISTERS}")
                 if f64["other"]:
-                    failures.append(f"{where}: f64 arithmetic besides adds: "
-                                    f"{', '.join(sorted(f64['ops']))}")
+                    failures.append(
+                        f"{where}: f64 arithmetic besides adds: {', '.join(sorted(f64['ops']))}"
+                    )
                 if f64["add"] > MAX_F64_ADDS:
                     failures.append(f"{where}: {f64['add']} f64 adds > {MAX_F64_ADDS}")
 
     rows.sort(key=lambda r: (r[0], r[1]))
     width = max([len(r[0]) for r in rows] + [6])
     print()
-    print(f"{'kernel':{width}}  arch   regs  stack  spill st/ld  f64 add  f64 other  f64 data  fp64")
+    print(
+        f"{'kernel':{width}}  arch   regs  stack  spill st/ld  f64 add  f64 other  f64 data  fp64"
+    )
     for name, arch, regs, stack, st, ld, f64, fp64 in rows:
-        print(f"{name:{width}}  sm_{arch}  {regs:4d}  {stack:5d}  {st:5d}/{ld:<5d}  "
-              f"{f64['add']:7d}  {f64['other']:9d}  {f64['data']:8d}  {'yes' if fp64 else 'no'}")
-    print(f"\n{len(rows)} kernel x arch rows from {len(sources)} file(s) in "
-          f"{time.perf_counter() - start:.0f} s")
+        print(
+            f"{name:{width}}  sm_{arch}  {regs:4d}  {stack:5d}  {st:5d}/{ld:<5d}  "
+            f"{f64['add']:7d}  {f64['other']:9d}  {f64['data']:8d}  {'yes' if fp64 else 'no'}"
+        )
+    print(
+        f"\n{len(rows)} kernel x arch rows from {len(sources)} file(s) in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     if failures:
         print(("report only, would fail:" if args.report_only else "FAILED:"), file=sys.stderr)
         for f in failures:

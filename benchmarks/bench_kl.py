@@ -69,14 +69,26 @@ def test_kl(benchmark, quick, device, contender):
             done()
 
     else:
-        flat = torch.cat([torch.cat([m.reshape(-1) for m in means]),
-                          torch.cat([v.reshape(-1) for v in logvars])])
+        flat = torch.cat(
+            [
+                torch.cat([m.reshape(-1) for m in means]),
+                torch.cat([v.reshape(-1) for v in logvars]),
+            ]
+        )
 
         def fn():
             flat.sum()
             done()
 
     benchmark.group = f"kl/transformer-3.7M/{device}"
-    info(benchmark, kind="kl", contender=name, case="transformer-3.7M", device=device,
-         size=numel, tensors=len(shapes), bytes_read=2 * numel * 4)
+    info(
+        benchmark,
+        kind="kl",
+        contender=name,
+        case="transformer-3.7M",
+        device=device,
+        size=numel,
+        tensors=len(shapes),
+        bytes_read=2 * numel * 4,
+    )
     run(benchmark, fn, quick)

@@ -207,7 +207,7 @@ def headline(r: Results) -> list[str]:
             "adds to it, (zuko − plain) / (fastbnf − plain). `leaves` is the same loss with "
             "zuko's parameters (a mean and a log-variance per tensor) and sampling and KL that "
             "cost nothing: autograd's own work per tensor, below which no drop-in design goes. "
-            "The targets (issue \"CPU kernels\") are for the seed-style step of the compiled "
+            'The targets (issue "CPU kernels") are for the seed-style step of the compiled '
             "kernel, whole step."
         ),
         "",
@@ -340,8 +340,9 @@ def train_section(r: Results) -> list[str]:
             f"## Full training steps ({device})",
             "",
             (
-                "forward + loss + backward + Adam. `overhead` = step − the plain model's step (same "
-                "model unwrapped, all parameters trained), `share` = overhead / step; the ratio in "
+                "forward + loss + backward + Adam. `overhead` = step − the plain model's step "
+                "(same model unwrapped, all parameters trained), `share` = overhead / step; the "
+                "ratio in "
                 "brackets is zuko's step over the contender's."
             ),
             "",

@@ -89,7 +89,9 @@ def run(
 
     for i in range(inputs):
         cells = "  ".join(f"{m:+.2f}±{s:.2f}" for m, s in zip(mean[i].tolist(), std[i].tolist()))
-        print(f"input {i}: target {[round(t, 2) for t in target[i].tolist()]}\n  predicted {cells}")
+        print(
+            f"input {i}: target {[round(t, 2) for t in target[i].tolist()]}\n  predicted {cells}"
+        )
 
     fig, axes = plt.subplots(1, inputs, figsize=(3.2 * inputs, 3.2), sharey=True, squeeze=False)
     positions = torch.arange(5)
@@ -97,8 +99,15 @@ def run(
     for i, ax in enumerate(axes[0]):
         for k in range(samples):
             ax.plot(positions, y[k, i], color="tab:blue", alpha=0.08, lw=1)
-        ax.errorbar(positions, mean[i], yerr=2 * std[i], fmt="o", color="tab:blue", capsize=3,
-                    label="mean ± 2 std")
+        ax.errorbar(
+            positions,
+            mean[i],
+            yerr=2 * std[i],
+            fmt="o",
+            color="tab:blue",
+            capsize=3,
+            label="mean ± 2 std",
+        )
         ax.plot(positions, target[i], "kx", ms=8, label="sorted input")
         ax.set_title(f"input {i}")
         ax.set_xlabel("output index")

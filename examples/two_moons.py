@@ -26,7 +26,7 @@ from examples import sorting_predict
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def two_moons(n: int, sigma: float = 1e-1) -> tuple[Tensor, Tensor]:

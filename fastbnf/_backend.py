@@ -32,7 +32,7 @@ def load_extension() -> bool:
     try:
         importlib.import_module("fastbnf._C")
         return True
-    except Exception as error:  # noqa: BLE001 (a broken build must never break the import)
+    except Exception as error:
         reason = error
 
     if os.environ.get("FASTBNF_JIT") == "1":
@@ -41,7 +41,7 @@ def load_extension() -> bool:
 
             jit_load()
             return True
-        except Exception as error:  # noqa: BLE001 (any build failure means the fallback)
+        except Exception as error:
             reason = error
 
     warnings.warn(

@@ -30,7 +30,9 @@ CXX_FLAGS = ["-O3", _OPENMP, "-fno-math-errno", "-ffp-contract=off"]
 
 
 def _cuda_module():
-    spec = importlib.util.spec_from_file_location("_build_cuda", Path(__file__).with_name("_build_cuda.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_build_cuda", Path(__file__).with_name("_build_cuda.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -35,8 +35,8 @@ DEFAULT_ARCHS = ("8.0", "9.0+PTX")
 def _nvcc() -> str | None:
     try:
         from torch.utils.cpp_extension import CUDA_HOME
-    except Exception:  # noqa: BLE001
-        CUDA_HOME = None  # noqa: N806
+    except Exception:
+        CUDA_HOME = None
     if CUDA_HOME:
         path = Path(CUDA_HOME) / "bin" / "nvcc"
         if path.exists():
@@ -178,7 +178,7 @@ def cuda_arch_list() -> list[str]:
                 arch = f"{major}.{minor}"
                 if arch not in archs:
                     archs.append(arch)
-    except Exception:  # noqa: BLE001
+    except Exception:
         archs = []
     return archs or list(DEFAULT_ARCHS)
 

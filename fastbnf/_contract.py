@@ -121,7 +121,9 @@ def make_group(
             for t, value in enumerate(prior_vars):
                 _check_prior_var(op, f"prior_vars[{t}]", value)
         if prior_means is not None and len(prior_means) != count:
-            raise ValueError(f"{op}: prior_means has {len(prior_means)} entries for {count} tensors")
+            raise ValueError(
+                f"{op}: prior_means has {len(prior_means)} entries for {count} tensors"
+            )
 
     checked_means, checked_priors = [], []
     for t in range(count):

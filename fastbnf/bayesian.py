@@ -281,9 +281,7 @@ class BayesianModel(nn.Module):
 
         samples, _ = self._sample_groups(n=n)
 
-        return {
-            name: view for group, views in samples for name, view in zip(group.names, views)
-        }
+        return {name: view for group, views in samples for name, view in zip(group.names, views)}
 
     def predict(
         self, *args: Any, samples: int, chunk_size: int | None = None, **kwargs: Any
@@ -439,9 +437,7 @@ class BayesianModel(nn.Module):
                 found = {}
                 for key, _, places in self._selected:
                     if all(
-                        a == attribute
-                        and is_trick_layer(m)
-                        and (modules is None or m in modules)
+                        a == attribute and is_trick_layer(m) and (modules is None or m in modules)
                         for m, a in places
                     ):
                         found.update((m, key) for m, _ in places)

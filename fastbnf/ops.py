@@ -101,7 +101,9 @@ def _flat_like(tensors: Sequence[Tensor], shape, dtype=None) -> Tensor:
     return tensors[0].new_empty(shape, dtype=dtype)
 
 
-def _fake_sample(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream):
+def _fake_sample(
+    means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream
+):
     shape = (_numel(means),) if n is None else (n, _numel(means))
     theta = _flat_like(means, shape, out_dtype)
     return theta, _flat_like(means, ()), _flat_like(means, (2,), torch.int64)
@@ -168,7 +170,9 @@ def _no_grads(inputs) -> tuple:
     :py:`None` per tensor of a list of tensors, one per anything else."""
 
     return tuple(
-        [None] * len(x) if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor) else None
+        [None] * len(x)
+        if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor)
+        else None
         for x in inputs
     )
 
@@ -426,7 +430,13 @@ def _sample_backward(grad_theta, grad_kl, means, logvars, rng_state, *options) -
 
     with _profiled("fastbnf::sample_backward"):
         grad_mu, grad_logvar = _run(
-            "sample_backward", grad_theta.device, grad_theta, grad_kl, means, logvars, rng_state,
+            "sample_backward",
+            grad_theta.device,
+            grad_theta,
+            grad_kl,
+            means,
+            logvars,
+            rng_state,
             *options,
         )
     return [*_views(grad_mu, means), *_views(grad_logvar, logvars)]

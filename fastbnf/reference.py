@@ -52,7 +52,8 @@ _MASK64 = (1 << 64) - 1
 
 
 def _softclip_scale(x: Tensor) -> Tensor:
-    r"""Returns :math:`q = (1 + (x / b)^2)^{-1/2}`: softclip is :math:`x q`, its slope :math:`q^3`."""
+    r"""Returns :math:`q = (1 + (x / b)^2)^{-1/2}`: softclip is :math:`x q`, its slope
+    :math:`q^3`."""
 
     # In place after the first op: group-sized temporaries are fresh pages, which cost more
     # than the arithmetic. The order of the operations (and so the rounding) is the header's.
@@ -60,7 +61,8 @@ def _softclip_scale(x: Tensor) -> Tensor:
 
 
 def softclip(x: Tensor) -> Tensor:
-    r"""Returns :math:`x / \sqrt{1 + (x / 18)^2}`, a smooth clip of :math:`x` to :math:`(-18, 18)`."""
+    r"""Returns :math:`x / \sqrt{1 + (x / 18)^2}`, a smooth clip of :math:`x` to
+    :math:`(-18, 18)`."""
 
     return _softclip_scale(x).mul_(x)
 
@@ -226,14 +228,16 @@ def sample_backward(
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Returns the flat gradients of :func:`sample` with respect to the means and log-variances."""
+    r"""Returns the flat gradients of :func:`sample` with respect to the means and
+    log-variances."""
 
     op = "fastbnf::sample_backward"
     group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
     grad_theta = check_grad_theta(op, grad_theta, group)
     check_rng_state(op, rng_state, group)
-    return _backward(group, grad_theta, grad_kl if with_kl else None, rng_state, prior_var,
-                     prior_vars, op)
+    return _backward(
+        group, grad_theta, grad_kl if with_kl else None, rng_state, prior_var, prior_vars, op
+    )
 
 
 def _backward(
@@ -288,7 +292,8 @@ def kl(
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    r"""Returns :math:`\mathrm{KL}(\mathcal{N}(\mu, \sigma^2) \,\|\, \mathcal{N}(m, v))` summed over a group."""
+    r"""Returns :math:`\mathrm{KL}(\mathcal{N}(\mu, \sigma^2) \,\|\, \mathcal{N}(m, v))`
+    summed over a group."""
 
     group = make_group("fastbnf::kl", means, logvars, (prior_var, prior_vars, prior_means))
     dtype = compute_dtype(group.dtype)

@@ -76,8 +76,12 @@ def select_parameters(
         The selected parameters, each with the places where it appears.
     """
 
-    includes = [compile_prefix(p, "include_params") for p in _as_list(include_params, "include_params")]
-    excludes = [compile_prefix(p, "exclude_params") for p in _as_list(exclude_params, "exclude_params")]
+    includes = [
+        compile_prefix(p, "include_params") for p in _as_list(include_params, "include_params")
+    ]
+    excludes = [
+        compile_prefix(p, "exclude_params") for p in _as_list(exclude_params, "exclude_params")
+    ]
 
     selected: dict[int, Selected] = {}
     seen: set[int] = set()

@@ -65,8 +65,12 @@ def fastbnf_counters(blocks, offset: int) -> np.ndarray:
     blocks = np.asarray(blocks, dtype=np.uint64)
     offset = np.uint64(offset)
     return np.stack(
-        [blocks & _MASK, blocks >> np.uint64(32), np.full_like(blocks, offset & _MASK),
-         np.full_like(blocks, offset >> np.uint64(32))],
+        [
+            blocks & _MASK,
+            blocks >> np.uint64(32),
+            np.full_like(blocks, offset & _MASK),
+            np.full_like(blocks, offset >> np.uint64(32)),
+        ],
         axis=-1,
     )
 
@@ -78,14 +82,19 @@ def curand_counters(threads, offset: int) -> np.ndarray:
     threads = np.asarray(threads, dtype=np.uint64)
     block = np.uint64(offset // 4)
     return np.stack(
-        [np.full_like(threads, block & _MASK), np.full_like(threads, block >> np.uint64(32)),
-         threads & _MASK, threads >> np.uint64(32)],
+        [
+            np.full_like(threads, block & _MASK),
+            np.full_like(threads, block >> np.uint64(32)),
+            threads & _MASK,
+            threads >> np.uint64(32),
+        ],
         axis=-1,
     )
 
 
 def numpy_normals(seed, offset, j):
-    r"""The normal of every flat index in ``j`` under ``rng_state = (seed, offset)``, in float64."""
+    r"""The normal of every flat index in ``j`` under ``rng_state = (seed, offset)``, in
+    float64."""
 
     key = philox_key(int(seed))
     j = np.asarray(j, dtype=np.uint64)

@@ -62,7 +62,9 @@ def test_sample_dtype():
         fastbnf.BayesianModel(MLP(3, 5), sample_dtype=torch.int8)
 
 
-@pytest.mark.parametrize("prior_var", [0.0, -1.0, math.nan, math.inf, "a", {"0-weight": -2.0}, {"nope": 1.0}])
+@pytest.mark.parametrize(
+    "prior_var", [0.0, -1.0, math.nan, math.inf, "a", {"0-weight": -2.0}, {"nope": 1.0}]
+)
 def test_prior_var(prior_var):
     model = fastbnf.BayesianModel(MLP(3, 5))
 
@@ -169,7 +171,9 @@ def test_zero_dim_tensor_prior_var():
 
 def test_init_logvar_that_overflows_the_dtype():
     base = MLP(3, 5).half()
-    with pytest.raises(ValueError, match="init_logvar=100000.0 overflows torch.float16, the dtype of '0.weight'"):
+    with pytest.raises(
+        ValueError, match="init_logvar=100000.0 overflows torch.float16, the dtype of '0.weight'"
+    ):
         fastbnf.BayesianModel(base, init_logvar=1e5)
     assert all(p.requires_grad for p in base.parameters())
     fastbnf.BayesianModel(MLP(3, 5), init_logvar=1e5)  # fine in float32
@@ -181,7 +185,9 @@ def test_state_dict_values_are_checked_before_any_copy(bad):
     before = snapshot(model)
     state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     key = sorted(state)[-1]  # after the others: PyTorch would have copied them already
-    state[key] = state[key].tolist() if bad == "list" else torch.empty_like(state[key], device="meta")
+    state[key] = (
+        state[key].tolist() if bad == "list" else torch.empty_like(state[key], device="meta")
+    )
 
     message = "a list, not a tensor" if bad == "list" else "a meta tensor"
     with pytest.raises(RuntimeError, match=f"{key}: {message}"):

@@ -330,7 +330,9 @@ def test_op_calls_per_step_do_not_grow_with_tensors(backend):
     calls = ["fastbnf::kl", "fastbnf::sample", "fastbnf::sample_backward"]
     assert sorted(n for n in names if not n.endswith("_kernel")) == calls
     if backend == "cpp":
-        assert sorted(n for n in names if n.endswith("_kernel")) == sorted(c + "_kernel" for c in calls)
+        assert sorted(n for n in names if n.endswith("_kernel")) == sorted(
+            c + "_kernel" for c in calls
+        )
 
 
 @pytest.mark.parametrize("grad", [False, True])

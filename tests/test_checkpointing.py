@@ -114,11 +114,11 @@ def test_bm_call_as_under_ddp(backend):
     # torch.utils.checkpoint with the context_fn does the same.
     torch.manual_seed(3)
     bm(
-        lambda m, x: torch.utils.checkpoint.checkpoint(
-            m, x, use_reentrant=False, context_fn=context_fn
-        )
-        .square()
-        .sum(),
+        lambda m, x: (
+            torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False, context_fn=context_fn)
+            .square()
+            .sum()
+        ),
         x,
     ).backward()
     assert_same(grads(bm), expected)

@@ -63,57 +63,149 @@ def bad_inputs(device: str) -> list[tuple[str, tuple, type, str]]:
     prior = (1.0, None, None)
     ints = [means[0], torch.zeros(4, dtype=torch.int64, device=device)]
     cases = [
-        ("sample", (means, logvars[:1], None, None, False, *prior, 0), ValueError,
-         "fastbnf::sample: means has 2 tensors but logvars has 1"),
-        ("sample", ([], [], None, None, False, *prior, 0), ValueError,
-         "fastbnf::sample: the group holds no tensors"),
-        ("sample", (ints, logvars, None, None, False, *prior, 0), TypeError,
-         rf"fastbnf::sample: means\[1\] has dtype torch.int64, expected {FLOATING}"),
-        ("kl", ([m.int() for m in means], logvars, *prior), TypeError,
-         rf"fastbnf::kl: means\[0\] has dtype torch.int32, expected {FLOATING}"),
-        ("sample", (means, [logvars[0].reshape(-1), logvars[1]], None, None, False, *prior, 0),
-         ValueError,
-         r"fastbnf::sample: logvars\[0\] has shape \(6,\), expected \(2, 3\) like means\[0\]"),
-        ("kl", (means, logvars, 0.0, None, None), ValueError,
-         "fastbnf::kl: prior_var must be positive and finite, got 0$"),
-        ("kl", (means, logvars, math.nan, None, None), ValueError,
-         "fastbnf::kl: prior_var must be positive and finite, got nan"),
-        ("sample", (means, logvars, None, None, True, 1.0, [1.0], None, 0), ValueError,
-         "fastbnf::sample: prior_vars has 1 entries for 2 tensors"),
-        ("kl", (means, logvars, 1.0, [1.0, -2.5], None), ValueError,
-         r"fastbnf::kl: prior_vars\[1\] must be positive and finite, got -2.5"),
-        ("kl", (means, logvars, 1.0, None, means[:1]), ValueError,
-         "fastbnf::kl: prior_means has 1 entries for 2 tensors"),
-        ("kl", (means, logvars, 1.0, None, [means[1], means[1]]), ValueError,
-         r"fastbnf::kl: prior_means\[0\] has shape \(4,\), expected \(2, 3\) like means\[0\]"),
-        ("sample", (means, logvars, -1, None, False, *prior, 0), ValueError,
-         "fastbnf::sample: n must be non-negative, got -1"),
-        ("sample", (means, logvars, None, torch.int32, False, *prior, 0), TypeError,
-         (r"fastbnf::sample: out_dtype must be torch.float16, torch.bfloat16 or the group's "
-          r"dtype \(torch.float32\), got torch.int32")),
-        ("sample", (means, logvars, None, torch.float64, False, *prior, 0), TypeError,
-         r"out_dtype must be .* got torch.float64"),
-        ("sample_backward", (grad[:4], one, means, logvars, rng, True, *prior), ValueError,
-         r"fastbnf::sample_backward: grad_theta has shape \(4,\), expected \(10,\) or \(n, 10\)"),
-        ("sample_backward", (grad.int(), one, means, logvars, rng, True, *prior), TypeError,
-         rf"fastbnf::sample_backward: grad_theta has dtype torch.int32, expected {FLOATING}"),
-        ("sample_backward", (grad, one, means, logvars, rng[:1], True, *prior), ValueError,
-         (rf"fastbnf::sample_backward: rng_state must be an int64 tensor of shape \(2,\) on "
-          rf"{dev}, got torch.int64 of shape \(1,\) on {dev}")),
-        ("sample_backward", (grad, one, means, logvars, rng.int(), True, *prior), ValueError,
-         r"rng_state must be an int64 tensor of shape \(2,\) .* got torch.int32 of shape \(2,\)"),
-        ("sample_backward", (grad, torch.ones(2, device=device), means, logvars, rng, True, *prior),
-         ValueError,
-         rf"fastbnf::sample_backward: grad_kl must hold one element on {dev}, got shape \(2,\)"),
-        ("kl_backward", (torch.ones(3, device=device), means, logvars, *prior), ValueError,
-         rf"fastbnf::kl_backward: grad_kl must hold one element on {dev}, got shape \(3,\)"),
-        ("variance", ([logvars[0], logvars[1].long()],), TypeError,
-         rf"fastbnf::variance: logvars\[1\] has dtype torch.int64, expected {FLOATING}"),
+        (
+            "sample",
+            (means, logvars[:1], None, None, False, *prior, 0),
+            ValueError,
+            "fastbnf::sample: means has 2 tensors but logvars has 1",
+        ),
+        (
+            "sample",
+            ([], [], None, None, False, *prior, 0),
+            ValueError,
+            "fastbnf::sample: the group holds no tensors",
+        ),
+        (
+            "sample",
+            (ints, logvars, None, None, False, *prior, 0),
+            TypeError,
+            rf"fastbnf::sample: means\[1\] has dtype torch.int64, expected {FLOATING}",
+        ),
+        (
+            "kl",
+            ([m.int() for m in means], logvars, *prior),
+            TypeError,
+            rf"fastbnf::kl: means\[0\] has dtype torch.int32, expected {FLOATING}",
+        ),
+        (
+            "sample",
+            (means, [logvars[0].reshape(-1), logvars[1]], None, None, False, *prior, 0),
+            ValueError,
+            r"fastbnf::sample: logvars\[0\] has shape \(6,\), expected \(2, 3\) like means\[0\]",
+        ),
+        (
+            "kl",
+            (means, logvars, 0.0, None, None),
+            ValueError,
+            "fastbnf::kl: prior_var must be positive and finite, got 0$",
+        ),
+        (
+            "kl",
+            (means, logvars, math.nan, None, None),
+            ValueError,
+            "fastbnf::kl: prior_var must be positive and finite, got nan",
+        ),
+        (
+            "sample",
+            (means, logvars, None, None, True, 1.0, [1.0], None, 0),
+            ValueError,
+            "fastbnf::sample: prior_vars has 1 entries for 2 tensors",
+        ),
+        (
+            "kl",
+            (means, logvars, 1.0, [1.0, -2.5], None),
+            ValueError,
+            r"fastbnf::kl: prior_vars\[1\] must be positive and finite, got -2.5",
+        ),
+        (
+            "kl",
+            (means, logvars, 1.0, None, means[:1]),
+            ValueError,
+            "fastbnf::kl: prior_means has 1 entries for 2 tensors",
+        ),
+        (
+            "kl",
+            (means, logvars, 1.0, None, [means[1], means[1]]),
+            ValueError,
+            r"fastbnf::kl: prior_means\[0\] has shape \(4,\), expected \(2, 3\) like means\[0\]",
+        ),
+        (
+            "sample",
+            (means, logvars, -1, None, False, *prior, 0),
+            ValueError,
+            "fastbnf::sample: n must be non-negative, got -1",
+        ),
+        (
+            "sample",
+            (means, logvars, None, torch.int32, False, *prior, 0),
+            TypeError,
+            (
+                r"fastbnf::sample: out_dtype must be torch.float16, torch.bfloat16 or the group's "
+                r"dtype \(torch.float32\), got torch.int32"
+            ),
+        ),
+        (
+            "sample",
+            (means, logvars, None, torch.float64, False, *prior, 0),
+            TypeError,
+            r"out_dtype must be .* got torch.float64",
+        ),
+        (
+            "sample_backward",
+            (grad[:4], one, means, logvars, rng, True, *prior),
+            ValueError,
+            r"fastbnf::sample_backward: grad_theta has shape \(4,\), "
+            r"expected \(10,\) or \(n, 10\)",
+        ),
+        (
+            "sample_backward",
+            (grad.int(), one, means, logvars, rng, True, *prior),
+            TypeError,
+            rf"fastbnf::sample_backward: grad_theta has dtype torch.int32, expected {FLOATING}",
+        ),
+        (
+            "sample_backward",
+            (grad, one, means, logvars, rng[:1], True, *prior),
+            ValueError,
+            (
+                rf"fastbnf::sample_backward: rng_state must be an int64 tensor of shape \(2,\) on "
+                rf"{dev}, got torch.int64 of shape \(1,\) on {dev}"
+            ),
+        ),
+        (
+            "sample_backward",
+            (grad, one, means, logvars, rng.int(), True, *prior),
+            ValueError,
+            r"rng_state must be an int64 tensor of shape \(2,\) .* "
+            r"got torch.int32 of shape \(2,\)",
+        ),
+        (
+            "sample_backward",
+            (grad, torch.ones(2, device=device), means, logvars, rng, True, *prior),
+            ValueError,
+            rf"fastbnf::sample_backward: grad_kl must hold one element on {dev}, got shape \(2,\)",
+        ),
+        (
+            "kl_backward",
+            (torch.ones(3, device=device), means, logvars, *prior),
+            ValueError,
+            rf"fastbnf::kl_backward: grad_kl must hold one element on {dev}, got shape \(3,\)",
+        ),
+        (
+            "variance",
+            ([logvars[0], logvars[1].long()],),
+            TypeError,
+            rf"fastbnf::variance: logvars\[1\] has dtype torch.int64, expected {FLOATING}",
+        ),
     ]
     if device == "cuda":
         cases.append(
-            ("kl", (means, [logvars[0], logvars[1].cpu()], *prior), ValueError,
-             r"fastbnf::kl: logvars\[1\] is on cpu, expected cuda:0 like means\[0\]"),
+            (
+                "kl",
+                (means, [logvars[0], logvars[1].cpu()], *prior),
+                ValueError,
+                r"fastbnf::kl: logvars\[1\] is on cpu, expected cuda:0 like means\[0\]",
+            ),
         )
     return cases
 
@@ -128,7 +220,11 @@ def test_bad_input_table(on, index):
 
 def test_the_table_covers_every_op():
     assert {case[0] for case in bad_inputs("cpu")} == {
-        "sample", "sample_backward", "kl", "kl_backward", "variance"
+        "sample",
+        "sample_backward",
+        "kl",
+        "kl_backward",
+        "variance",
     }
 
 
@@ -153,9 +249,12 @@ def test_non_contiguous_tensors_are_read_as_contiguous(on):
         assert torch.equal(a, b)
     g = torch.randn(expected[0].shape, device=device)
     backward = (g, torch.ones((), device=device))
-    expected_grads = OPS.sample_backward(*backward, means, logvars, expected[2], True, 0.5, None, means)
-    got_grads = OPS.sample_backward(*backward, transposed, lv_transposed, got[2], True, 0.5, None,
-                                    transposed)
+    expected_grads = OPS.sample_backward(
+        *backward, means, logvars, expected[2], True, 0.5, None, means
+    )
+    got_grads = OPS.sample_backward(
+        *backward, transposed, lv_transposed, got[2], True, 0.5, None, transposed
+    )
     for a, b in zip(got_grads, expected_grads):
         assert torch.equal(a, b)
 
@@ -181,8 +280,12 @@ def test_low_precision_groups_compute_in_float32(on, dtype):
     assert kl.dtype == dtype
     assert torch.equal(kl, OPS.kl(*wide, 0.7, None, None).to(dtype))
 
-    theta, kl, rng_state = same_noise(lambda: OPS.sample(means, logvars, 2, None, True, 1.0, None, None, 0))
-    theta32, kl32, state32 = same_noise(lambda: OPS.sample(*wide, 2, None, True, 1.0, None, None, 0))
+    theta, kl, rng_state = same_noise(
+        lambda: OPS.sample(means, logvars, 2, None, True, 1.0, None, None, 0)
+    )
+    theta32, kl32, state32 = same_noise(
+        lambda: OPS.sample(*wide, 2, None, True, 1.0, None, None, 0)
+    )
     assert theta.dtype == dtype and torch.equal(theta, theta32.to(dtype))
     assert torch.equal(kl, kl32.to(dtype))
 

@@ -181,7 +181,6 @@ def test_subnormals_survive_loading():
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
-
 # --------------------------------------------------------------------------------------------
 # The pool of large outputs (csrc/cpu/buffer_pool.h)
 
@@ -204,8 +203,10 @@ def test_large_outputs_are_recycled():
     # A recycled buffer holds no stale values: every element is written.
     eps = (theta - means[0]) / reference.softclip(logvars[0]).div(2).exp()
     torch.testing.assert_close(
-        eps[:1000].double(), torch.from_numpy(numpy_normals(*rng_state.tolist(), np.arange(1000))),
-        rtol=1e-5, atol=1e-5,
+        eps[:1000].double(),
+        torch.from_numpy(numpy_normals(*rng_state.tolist(), np.arange(1000))),
+        rtol=1e-5,
+        atol=1e-5,
     )
     with pytest.raises(RuntimeError, match="not resizable"):
         theta.resize_(2_000_000)

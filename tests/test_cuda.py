@@ -2,11 +2,11 @@ r"""CUDA-specific behaviour of the fused kernel ops ``fastbnf::<name>_kernel`` (
 
 Parity with the reference, the noise stream against the NumPy Philox twin, statistics and bad
 inputs are tested for every device in tests/test_kernels.py. Here: what only the CUDA kernels do
--- one launch per op whatever the number of tensors; the host-built tile map and the vector and scalar paths on many
-small odd-sized tensors (against float64 formulas from the NumPy twin); a KL that does not depend
-on the grid; the device-table cache across streams and under CUDA graph capture (a training step
-captured without a warm-up, then eager calls); the domain separation of fastbnf's Philox key
-from torch.randn's; a group of more than 2^31 elements.
+-- one launch per op whatever the number of tensors; the host-built tile map and the vector and
+scalar paths on many small odd-sized tensors (against float64 formulas from the NumPy twin); a
+KL that does not depend on the grid; the device-table cache across streams and under CUDA
+graph capture (a training step captured without a warm-up, then eager calls); the domain
+separation of fastbnf's Philox key from torch.randn's; a group of more than 2^31 elements.
 
 Everything here needs a GPU and the CUDA kernels, and skips cleanly without them.
 """
@@ -35,8 +35,13 @@ pytestmark = [pytest.mark.cuda, requires_cuda, requires_cuda_kernel]
 K = torch.ops.fastbnf
 
 
-def make_group(dtype=torch.float32, shapes=((7, 3), (129,), (64, 33)), seed=0,
-               lv_range=(-6.0, 2.0), device="cuda"):
+def make_group(
+    dtype=torch.float32,
+    shapes=((7, 3), (129,), (64, 33)),
+    seed=0,
+    lv_range=(-6.0, 2.0),
+    device="cuda",
+):
     generator = torch.Generator().manual_seed(seed)
     means = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
     lo, hi = lv_range
@@ -63,9 +68,9 @@ def _many_small(layout, dtype=torch.float32):
     flat_lv = torch.rand(numel + 1, generator=generator, dtype=torch.float64) * 6 - 5
     flat_pm = torch.randn(numel + 1, generator=generator, dtype=torch.float64) * 0.1
     if layout == "views":
-        cut = lambda flat: list(flat.to("cuda", dtype)[1:].split(sizes))  # noqa: E731
+        cut = lambda flat: list(flat.to("cuda", dtype)[1:].split(sizes))
     else:
-        cut = lambda flat: [t.clone() for t in flat.to("cuda", dtype)[1:].split(sizes)]  # noqa: E731
+        cut = lambda flat: [t.clone() for t in flat.to("cuda", dtype)[1:].split(sizes)]
     prior_vars = [0.25 + (t % 7) * 0.5 for t in range(len(sizes))]
     return cut(flat_mu), cut(flat_lv), prior_vars, cut(flat_pm)
 
@@ -88,8 +93,15 @@ def test_tile_map_many_small_tensors(layout):
 
     grad = torch.randn(theta.shape, device="cuda")
     grad_mu, grad_lv = K.sample_backward_kernel(
-        grad, torch.tensor(1.5, device="cuda"), means, logvars, rng_state, True, 1.0,
-        prior_vars, prior_means,
+        grad,
+        torch.tensor(1.5, device="cuda"),
+        means,
+        logvars,
+        rng_state,
+        True,
+        1.0,
+        prior_vars,
+        prior_means,
     )
     exp_mu, exp_lv = f.grads(grad.double().cpu(), eps, 1.5)
     torch.testing.assert_close(grad_mu.double().cpu(), exp_mu, rtol=1e-5, atol=1e-5)
@@ -103,8 +115,9 @@ def test_tile_map_many_small_tensors(layout):
     kl_mu, kl_lv = K.kl_backward_kernel(
         torch.tensor(2.0, device="cuda"), means, logvars, 1.0, prior_vars, prior_means
     )
-    exp_mu, exp_lv = f.grads(torch.zeros(1, numel, dtype=torch.float64),
-                             torch.zeros(1, numel, dtype=torch.float64), 2.0)
+    exp_mu, exp_lv = f.grads(
+        torch.zeros(1, numel, dtype=torch.float64), torch.zeros(1, numel, dtype=torch.float64), 2.0
+    )
     torch.testing.assert_close(kl_mu.double().cpu(), exp_mu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kl_lv.double().cpu(), exp_lv, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
@@ -361,8 +374,9 @@ _BIG_BYTES = 40 * 2**30  # the group (shared zeros), theta and the two gradients
 def test_group_over_2_31_elements():
     free, _ = torch.cuda.mem_get_info()
     if free < _BIG_BYTES:
-        pytest.skip(f"needs {_BIG_BYTES / 2**30:.0f} GiB of free GPU memory, "
-                    f"{free / 2**30:.1f} GiB free")
+        pytest.skip(
+            f"needs {_BIG_BYTES / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.1f} GiB free"
+        )
     head, tail = (1 << 31) - 3, 13
     numel = head + tail
     zeros_head = torch.zeros(head, device="cuda")

@@ -46,7 +46,8 @@ def test_broken_extension_warns_once_and_falls_back():
 
 def test_forcing_the_missing_kernel_is_an_error():
     script = SCRIPT.format(module="None").replace(
-        "import torch, fastbnf", "import os; os.environ['FASTBNF_BACKEND'] = 'cpp'\nimport torch, fastbnf"
+        "import torch, fastbnf",
+        "import os; os.environ['FASTBNF_BACKEND'] = 'cpp'\nimport torch, fastbnf",
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode != 0

@@ -85,4 +85,3 @@ def test_same_keys_both_ways():
     assert zuko_model.state_dict().keys() == ours.state_dict().keys()
     for key, value in zuko_model.state_dict().items():
         assert value.shape == ours.state_dict()[key].shape
-

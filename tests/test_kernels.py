@@ -71,7 +71,9 @@ def make_group(device, dtype=torch.float32, shapes=SHAPES, seed=0, lv_range=(-6.
     generator = torch.Generator().manual_seed(seed)
     means = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
     lo, hi = lv_range
-    logvars = [torch.rand(s, generator=generator, dtype=torch.float64) * (hi - lo) + lo for s in shapes]
+    logvars = [
+        torch.rand(s, generator=generator, dtype=torch.float64) * (hi - lo) + lo for s in shapes
+    ]
     return [m.to(device, dtype) for m in means], [v.to(device, dtype) for v in logvars]
 
 
@@ -97,8 +99,12 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
     assert a.dtype == b.dtype and a.shape == b.shape
     if a.numel() == 0:
         return 0
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32,
-            torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    bits = {
+        torch.float64: torch.int64,
+        torch.float32: torch.int32,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+    }[a.dtype]
     top = {torch.int64: 2**63 - 1, torch.int32: 2**31 - 1, torch.int16: 2**15 - 1}[bits]
 
     def ordered(x):
@@ -107,7 +113,11 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
 
     assert not (a.isnan() ^ b.isnan()).any()
     keep = ~a.isnan()
-    return int((ordered(a)[keep.cpu()] - ordered(b)[keep.cpu()]).abs().max().item()) if keep.any() else 0
+    return (
+        int((ordered(a)[keep.cpu()] - ordered(b)[keep.cpu()]).abs().max().item())
+        if keep.any()
+        else 0
+    )
 
 
 def test_ulp_distance():
@@ -163,8 +173,11 @@ def closed_form_scales(means, logvars, prior, g=None, eps=None, grad_kl=None):
     q = (1 + (lv / 18) ** 2).rsqrt()
     lc, slope = lv * q, q**3
     sizes = torch.tensor([m.numel() for m in means])
-    ipv = 1 / (torch.full_like(mu, prior_var) if prior_vars is None
-               else torch.tensor(prior_vars, dtype=torch.float64).repeat_interleave(sizes))
+    ipv = 1 / (
+        torch.full_like(mu, prior_var)
+        if prior_vars is None
+        else torch.tensor(prior_vars, dtype=torch.float64).repeat_interleave(sizes)
+    )
     d = mu if prior_means is None else mu - flat64(prior_means)
     scale_mu, part = torch.zeros_like(mu), torch.zeros_like(mu)
     if g is not None:
@@ -224,7 +237,9 @@ def prior_options(case, means):
         return 0.37, None, None
     generator = torch.Generator().manual_seed(1)
     prior_vars = [0.5 + 0.25 * t for t in range(len(means))]
-    prior_means = [torch.randn(m.shape, generator=generator, dtype=torch.float64).to(m) for m in means]
+    prior_means = [
+        torch.randn(m.shape, generator=generator, dtype=torch.float64).to(m) for m in means
+    ]
     return 1.0, prior_vars, prior_means
 
 
@@ -265,8 +280,16 @@ def test_sample_backward_equals_the_twin(monkeypatch, device, dtype, n, with_kl,
     grad_kl = torch.tensor(0.7, device=device, dtype=dtype)
     out = K.sample_backward_kernel(g, grad_kl, means, logvars, rng_state, with_kl, *args)
     expected = run_reference(
-        monkeypatch, eps, reference.sample_backward, g, grad_kl, means, logvars,
-        rng_state, with_kl, *args,
+        monkeypatch,
+        eps,
+        reference.sample_backward,
+        g,
+        grad_kl,
+        means,
+        logvars,
+        rng_state,
+        with_kl,
+        *args,
     )
     scales = closed_form_scales(means, logvars, args, g, eps, grad_kl if with_kl else None)
     for got, ref, scale in zip(out, expected, scales):
@@ -281,7 +304,9 @@ def test_kl_and_its_backward_equal_the_twin(device, dtype, prior):
     args = prior_options(prior, means)
     kl = K.kl_kernel(means, logvars, *args)
     rtol = {torch.float64: 1e-13, torch.float32: 2e-6}.get(dtype, 1e-2)
-    torch.testing.assert_close(kl.double(), reference.kl(means, logvars, *args).double(), rtol=rtol, atol=0)
+    torch.testing.assert_close(
+        kl.double(), reference.kl(means, logvars, *args).double(), rtol=rtol, atol=0
+    )
     grad_kl = torch.tensor(1.3, device=device, dtype=dtype)
     out = K.kl_backward_kernel(grad_kl, means, logvars, *args)
     expected = reference.kl_backward(grad_kl, means, logvars, *args)
@@ -309,7 +334,9 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     args = prior_options("per_tensor", means)
     eps, rng_state = kernel_eps(device, MANY, 3, seed=9)
     twin_eps = numpy_normals(*rng_state.tolist(), np.arange(eps.numel())).reshape(eps.shape)
-    torch.testing.assert_close(eps.double().cpu(), torch.from_numpy(twin_eps), rtol=1e-6, atol=2e-7)
+    torch.testing.assert_close(
+        eps.double().cpu(), torch.from_numpy(twin_eps), rtol=1e-6, atol=2e-7
+    )
 
     torch.manual_seed(9)
     theta, kl, _ = K.sample_kernel(means, logvars, 3, None, True, *args, 0)
@@ -319,13 +346,24 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     mu = flat64(means)
     scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
     assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype, composite=True))
-    torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
+    torch.testing.assert_close(
+        kl.double(), ref_kl.double(), rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0
+    )
 
     g = torch.linspace(-1, 1, theta.numel(), dtype=dtype, device=device).reshape(theta.shape)
     grad_kl = torch.tensor(0.3, dtype=dtype, device=device)
     out = K.sample_backward_kernel(g, grad_kl, means, logvars, rng_state, True, *args)
     expected = run_reference(
-        monkeypatch, eps, reference.sample_backward, g, grad_kl, means, logvars, rng_state, True, *args
+        monkeypatch,
+        eps,
+        reference.sample_backward,
+        g,
+        grad_kl,
+        means,
+        logvars,
+        rng_state,
+        True,
+        *args,
     )
     scales = closed_form_scales(means, logvars, args, g, eps, grad_kl)
     for got, ref, scale in zip(out, expected, scales):
@@ -352,8 +390,9 @@ COMBOS = [
 def _rel(dtype):
     r"""A relative tolerance of one rounding to dtype plus the float32 arithmetic."""
 
-    return {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3,
-            torch.bfloat16: 1.6e-2}[dtype]
+    return {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[
+        dtype
+    ]
 
 
 @pytest.mark.parametrize("dtype,out_dtype", COMBOS, ids=lambda d: str(d).split(".")[-1])
@@ -578,7 +617,9 @@ def test_low_precision_samples(device, out_dtype, n):
     g = torch.randn(theta.shape, device=device).to(out_dtype)
     grad_kl = torch.tensor(0.5, device=device)
     low = K.sample_backward_kernel(g, grad_kl, means, logvars, state, True, 1.0, None, None)
-    full = K.sample_backward_kernel(g.float(), grad_kl, means, logvars, state, True, 1.0, None, None)
+    full = K.sample_backward_kernel(
+        g.float(), grad_kl, means, logvars, state, True, 1.0, None, None
+    )
     for a, b in zip(low, full):
         assert a.dtype == torch.float32 and torch.equal(a, b)
 
@@ -587,8 +628,22 @@ def test_low_precision_rounding_of_special_values(device):
     r"""The kernels' fp32 -> bf16/fp16 rounding is PyTorch's: nearest even, overflow, NaN."""
 
     values = torch.tensor(
-        [0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.0e38, -3.0e38, 65504.0, 65520.0, 1e-8, 6e-8,
-         float("inf"), float("-inf"), float("nan")]
+        [
+            0.0,
+            -0.0,
+            1.0,
+            1.00390625,
+            1.01171875,
+            3.0e38,
+            -3.0e38,
+            65504.0,
+            65520.0,
+            1e-8,
+            6e-8,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+        ]
     )
     values = torch.cat([values, torch.randn(4000) * 100]).to(device)
     means, logvars = [values], [torch.full_like(values, -60.0)]
@@ -606,15 +661,26 @@ def test_low_precision_group_reads_every_gradient_dtype(device):
 
     means, logvars = make_group(device, torch.float16, shapes=[(300,), (5, 7)])
     torch.manual_seed(2)
-    theta, _, state = K.sample_kernel(means, logvars, None, torch.bfloat16, False, 1.0, None, None, 0)
+    theta, _, state = K.sample_kernel(
+        means, logvars, None, torch.bfloat16, False, 1.0, None, None, 0
+    )
     torch.manual_seed(2)
     theta16, _, _ = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
     assert theta.dtype == torch.bfloat16 and theta16.dtype == torch.float16
-    torch.testing.assert_close(theta.float(), theta16.float(), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(theta.float(), theta16.float(), rtol=2**-7, atol=1e-3)
     g = torch.randn(theta.shape, device=device)
     results = [
-        K.sample_backward_kernel(g.to(dt), torch.tensor(0.0, device=device), means, logvars, state, False, 1.0,
-                                 None, None)
+        K.sample_backward_kernel(
+            g.to(dt),
+            torch.tensor(0.0, device=device),
+            means,
+            logvars,
+            state,
+            False,
+            1.0,
+            None,
+            None,
+        )
         for dt in (torch.float16, torch.bfloat16, torch.float32)
     ]
     for grads in results:
@@ -634,8 +700,9 @@ def test_empty_and_scalar_tensors(device, n):
     assert theta.shape == ((2,) if n is None else (n, 2))
     torch.testing.assert_close(kl, reference.kl(means, logvars))
     g = torch.ones(theta.shape, device=device)
-    gm, gl = K.sample_backward_kernel(g, torch.tensor(1.0, device=device), means, logvars, state,
-                                      True, 1.0, None, None)
+    gm, gl = K.sample_backward_kernel(
+        g, torch.tensor(1.0, device=device), means, logvars, state, True, 1.0, None, None
+    )
     assert gm.shape == gl.shape == (2,)
     assert torch.isfinite(gm).all() and torch.isfinite(gl).all()
 
@@ -644,8 +711,9 @@ def test_all_empty_group(device):
     means, logvars = make_group(device, shapes=[(0,), (0, 5)])
     theta, kl, state = K.sample_kernel(means, logvars, None, None, True, 1.0, None, None, 0)
     assert theta.shape == (0,) and kl.item() == 0.0
-    gm, gl = K.sample_backward_kernel(theta, torch.tensor(1.0, device=device), means, logvars,
-                                      state, True, 1.0, None, None)
+    gm, gl = K.sample_backward_kernel(
+        theta, torch.tensor(1.0, device=device), means, logvars, state, True, 1.0, None, None
+    )
     assert gm.shape == gl.shape == (0,)
     assert K.variance_kernel(logvars).shape == (0,)
     assert K.kl_kernel(means, logvars, 1.0, None, None).item() == 0.0
@@ -673,9 +741,13 @@ def test_extreme_logvars(device):
     theta, kl, _ = K.sample_kernel(means, logvars, None, None, True, 1.0, None, None, 0)
     assert torch.isfinite(theta).all() and torch.isfinite(kl)
     variance = K.variance_kernel(logvars)
-    assert ulp_distance(variance, reference.variance(logvars)) <= tolerance_ulp(device, torch.float32)
+    assert ulp_distance(variance, reference.variance(logvars)) <= tolerance_ulp(
+        device, torch.float32
+    )
     assert variance[0].item() == 1.0 and variance[-1].item() == 1.0  # the overflow, as the twin
-    torch.testing.assert_close(variance[[1, -2]].cpu(), torch.tensor([math.exp(-18.0), math.exp(18.0)]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        variance[[1, -2]].cpu(), torch.tensor([math.exp(-18.0), math.exp(18.0)]), rtol=1e-3, atol=0
+    )
     torch.testing.assert_close(kl, reference.kl(means, logvars))
 
 
@@ -698,10 +770,13 @@ def test_opcheck(device, dtype):
     grad_kl = torch.tensor(0.25, dtype=dtype, device=device)
 
     torch.library.opcheck(
-        K.sample_kernel.default, (means, logvars, 2, None, True, *prior, 0), test_utils=RANDOM_UTILS
+        K.sample_kernel.default,
+        (means, logvars, 2, None, True, *prior, 0),
+        test_utils=RANDOM_UTILS,
     )
     torch.library.opcheck(
-        K.sample_kernel.default, (means, logvars, None, torch.bfloat16, False, 1.0, None, None, 3),
+        K.sample_kernel.default,
+        (means, logvars, None, torch.bfloat16, False, 1.0, None, None, 3),
         test_utils=RANDOM_UTILS,
     )
     torch.library.opcheck(

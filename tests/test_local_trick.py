@@ -237,10 +237,14 @@ class TiedLinears(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-@pytest.mark.parametrize("make, x", [
-    (TiedToEmbedding, torch.tensor([1, 4, 4, 7])),
-    (TiedLinears, torch.randn(5, 6)),
-], ids=["linear-and-embedding", "two-linears"])
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (TiedToEmbedding, torch.tensor([1, 4, 4, 7])),
+        (TiedLinears, torch.randn(5, 6)),
+    ],
+    ids=["linear-and-embedding", "two-linears"],
+)
 def test_tied_weights_get_one_treatment(backend, make, x):
     r"""Every use of a tied weight is sampled alike or takes the trick alike, with the whole
     gradient: with a posterior this narrow both ways give the mean model's gradients."""

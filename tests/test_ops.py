@@ -380,12 +380,14 @@ def test_reference_in_chunks(monkeypatch, dtype, n):
     prior_means = [torch.randn_like(m) for m in means]
     prior_vars = [0.5, 2.0, 1.0, 3.0, 0.25]
     args = (2.0, prior_vars, prior_means)
-    chunked = reference.kl(means, logvars, *args), reference.kl_backward(
-        torch.tensor(0.7, dtype=dtype), means, logvars, *args
+    chunked = (
+        reference.kl(means, logvars, *args),
+        reference.kl_backward(torch.tensor(0.7, dtype=dtype), means, logvars, *args),
     )
     monkeypatch.setattr(reference, "_CHUNK", 1 << 21)
-    whole = reference.kl(means, logvars, *args), reference.kl_backward(
-        torch.tensor(0.7, dtype=dtype), means, logvars, *args
+    whole = (
+        reference.kl(means, logvars, *args),
+        reference.kl_backward(torch.tensor(0.7, dtype=dtype), means, logvars, *args),
     )
     torch.testing.assert_close(chunked[0], whole[0])
     torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=0)

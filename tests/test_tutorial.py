@@ -52,7 +52,9 @@ def two_moons_losses(library, epochs: int = 8) -> torch.Tensor:
     bayes_flow = make_model(library)
     optimizer = torch.optim.Adam(bayes_flow.parameters(), lr=1e-3)
     loader_generator = torch.Generator().manual_seed(2)
-    trainloader = data.DataLoader(trainset, batch_size=64, shuffle=True, generator=loader_generator)
+    trainloader = data.DataLoader(
+        trainset, batch_size=64, shuffle=True, generator=loader_generator
+    )
 
     epoch_losses = []
 
