@@ -1,6 +1,7 @@
 # make demo   trains the two-moons Bayesian flow, prints the zuko-vs-fastbnf step time, writes plots
 # make test   runs the whole test suite (the benchmarks too, as plain tests)
 # make bench  runs the benchmarks and writes benchmarks/results/<machine>.md and plots
+# make lint   ruff check, ruff format --check and clang-format --dry-run -Werror (as CI does)
 #
 # Each target sets up what it needs in the current Python: an importable torch is kept (a CUDA
 # torch on a GPU machine, say), otherwise torch==2.13.0 is installed; then fastbnf is installed
@@ -11,7 +12,11 @@ PIP = $(PYTHON) -m pip --disable-pip-version-check -q
 STAMP = .make/setup.stamp
 SOURCES = setup.py pyproject.toml fastbnf/_build.py fastbnf/_build_cuda.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: setup demo test bench clean
+# Pinned: another version of a formatter formats differently.
+LINTERS = ruff==0.17.6 clang-format==23.1.5
+CSRC_FILES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 2>/dev/null)
+
+.PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +35,12 @@ test: setup
 bench: setup
 	$(PYTHON) -m pytest -q benchmarks --benchmark-only --benchmark-json=.make/bench.json
 	$(PYTHON) -m benchmarks.report .make/bench.json
+
+lint:
+	$(PIP) install $(LINTERS)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	clang-format --style=file --dry-run -Werror $(CSRC_FILES)
 
 clean:
 	rm -rf .make build fastbnf/*.so *.egg-info

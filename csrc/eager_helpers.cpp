@@ -37,8 +37,8 @@ std::vector<at::Tensor> views_like(const at::Tensor& flat, at::TensorList like) 
   int64_t offset = flat.storage_offset();
   const int64_t end = offset + flat.numel();
   for (const at::Tensor& t : like) {
-    at::Tensor piece = at::detail::make_tensor<c10::TensorImpl>(
-        c10::Storage(flat.storage()), flat.key_set(), flat.dtype());
+    at::Tensor piece = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(flat.storage()),
+                                                                flat.key_set(), flat.dtype());
     c10::TensorImpl* impl = piece.unsafeGetTensorImpl();
     impl->set_sizes_contiguous(t.sizes());
     impl->set_storage_offset(offset);

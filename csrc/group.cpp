@@ -18,9 +18,9 @@ bool is_posterior_dtype(at::ScalarType dtype) {
 constexpr const char* kFloating = "a floating dtype (float16, bfloat16, float32 or float64)";
 
 void check_prior_var(const char* op, const char* what, int64_t index, double value) {
-  FASTBNF_CHECK_VALUE(std::isfinite(value) && value > 0.0, op, ": ", what,
-                      index < 0 ? "" : "[", index < 0 ? std::string() : std::to_string(index),
-                      index < 0 ? "" : "]", " must be positive and finite, got ", value);
+  FASTBNF_CHECK_VALUE(std::isfinite(value) && value > 0.0, op, ": ", what, index < 0 ? "" : "[",
+                      index < 0 ? std::string() : std::to_string(index), index < 0 ? "" : "]",
+                      " must be positive and finite, got ", value);
 }
 
 // A tensor of the group as the kernels read it: on the group's device (checked), with the
@@ -28,10 +28,10 @@ void check_prior_var(const char* op, const char* what, int64_t index, double val
 // first names the list whose tensors set the device (its [0]) and the shapes (its [t]).
 const void* readable(const char* op, const char* list, size_t t, const at::Tensor& x,
                      const char* first, at::IntArrayRef shape, Group& group) {
-  FASTBNF_CHECK_VALUE(x.device() == group.device, op, ": ", list, "[", t, "] is on ",
-                      x.device(), ", expected ", group.device, " like ", first, "[0]");
-  FASTBNF_CHECK_TYPE(is_posterior_dtype(x.scalar_type()), op, ": ", list, "[", t,
-                     "] has dtype ", x.scalar_type(), ", expected ", kFloating);
+  FASTBNF_CHECK_VALUE(x.device() == group.device, op, ": ", list, "[", t, "] is on ", x.device(),
+                      ", expected ", group.device, " like ", first, "[0]");
+  FASTBNF_CHECK_TYPE(is_posterior_dtype(x.scalar_type()), op, ": ", list, "[", t, "] has dtype ",
+                     x.scalar_type(), ", expected ", kFloating);
   FASTBNF_CHECK_VALUE(x.sizes() == shape, op, ": ", list, "[", t, "] has shape ", x.sizes(),
                       ", expected ", shape, " like ", first, "[", t, "]");
   if (x.scalar_type() == group.dtype && x.is_contiguous()) return x.data_ptr();
@@ -88,7 +88,7 @@ Group make_group(const char* op, std::optional<at::TensorList> means, at::Tensor
           readable(op, "prior_means", t, (*prior->means)[t], first_list, shape, group);
     }
     const double var = prior != nullptr && prior->vars ? (*prior->vars)[t]
-                                                      : (prior != nullptr ? prior->var : 1.0);
+                                                       : (prior != nullptr ? prior->var : 1.0);
     const posterior::PriorConstants constants = posterior::prior_constants(var);
     entry.inv_prior_var = constants.inv_var;
     entry.log_prior_var_m1 = constants.log_var_m1;

@@ -36,8 +36,8 @@ struct PriorArgs {
 struct Group {
   at::ScalarType dtype = at::kFloat;
   at::Device device{at::kCPU};
-  int64_t numel = 0;                 // N, empty tensors included (they hold nothing)
-  int64_t num_tensors = 0;           // T, empty tensors included
+  int64_t numel = 0;        // N, empty tensors included (they hold nothing)
+  int64_t num_tensors = 0;  // T, empty tensors included
   bool has_prior_means = false;
   std::vector<TensorEntry> entries;  // the non-empty tensors, in group order
   std::vector<at::Tensor> copies;    // the converted or contiguous copies the entries read

@@ -53,7 +53,10 @@ inline void append(std::string& out, at::ScalarType dtype) {
     case at::kChar: out += "torch.int8"; return;
     case at::kByte: out += "torch.uint8"; return;
     case at::kBool: out += "torch.bool"; return;
-    default: out += "torch."; out += c10::toString(dtype); return;
+    default:
+      out += "torch.";
+      out += c10::toString(dtype);
+      return;
   }
 }
 
@@ -80,16 +83,16 @@ std::string build(const Parts&... parts) {
 }  // namespace fastbnf
 
 // Raise ValueError / TypeError with a message of parts, when cond fails.
-#define FASTBNF_CHECK_VALUE(cond, ...)                                                \
-  do {                                                                                \
-    if (C10_UNLIKELY(!(cond))) {                                                      \
-      C10_THROW_ERROR(ValueError, ::fastbnf::message::build(__VA_ARGS__));           \
-    }                                                                                 \
+#define FASTBNF_CHECK_VALUE(cond, ...)                                     \
+  do {                                                                     \
+    if (C10_UNLIKELY(!(cond))) {                                           \
+      C10_THROW_ERROR(ValueError, ::fastbnf::message::build(__VA_ARGS__)); \
+    }                                                                      \
   } while (false)
 
-#define FASTBNF_CHECK_TYPE(cond, ...)                                                 \
-  do {                                                                                \
-    if (C10_UNLIKELY(!(cond))) {                                                      \
-      C10_THROW_ERROR(TypeError, ::fastbnf::message::build(__VA_ARGS__));            \
-    }                                                                                 \
+#define FASTBNF_CHECK_TYPE(cond, ...)                                     \
+  do {                                                                    \
+    if (C10_UNLIKELY(!(cond))) {                                          \
+      C10_THROW_ERROR(TypeError, ::fastbnf::message::build(__VA_ARGS__)); \
+    }                                                                     \
   } while (false)

@@ -8,13 +8,13 @@
 namespace fastbnf {
 
 struct TensorEntry {
-  const void* mean;        // null where the op reads no means (variance)
+  const void* mean;  // null where the op reads no means (variance)
   const void* logvar;
-  const void* prior_mean;  // null: the prior mean is 0
-  int64_t begin;           // flat offset of the tensor in the group
-  int64_t numel;           // > 0
-  double inv_prior_var;    // 1 / pv (posterior::prior_constants)
-  double log_prior_var_m1; // log(pv) - 1
+  const void* prior_mean;   // null: the prior mean is 0
+  int64_t begin;            // flat offset of the tensor in the group
+  int64_t numel;            // > 0
+  double inv_prior_var;     // 1 / pv (posterior::prior_constants)
+  double log_prior_var_m1;  // log(pv) - 1
 };
 
 }  // namespace fastbnf

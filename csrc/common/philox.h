@@ -14,8 +14,8 @@
 // and j uses output lane j % 4. Distinct offsets give disjoint streams whatever N.
 //
 // Normal transform: Box-Muller on the lane pairs (0, 1) and (2, 3), in float32:
-//   u1 = ((x0 >> 8) + 0.5) * 2^-24,  x = 2 * ((x1 >> 8) + 0.5) * 2^-24   (u1 in (0, 1], x in (0, 2))
-//   r = sqrt(-2 log u1),  lane 0 -> r cos(pi x),  lane 1 -> r sin(pi x)
+//   u1 = ((x0 >> 8) + 0.5) * 2^-24,  x = 2 * ((x1 >> 8) + 0.5) * 2^-24   (u1 in (0, 1], x in (0,
+//   2)) r = sqrt(-2 log u1),  lane 0 -> r cos(pi x),  lane 1 -> r sin(pi x)
 // and likewise lanes 2, 3 from x2, x3. The angle is taken in half-turns (sinpi, cospi): x is
 // exact, its reduction is exact, and CUDA's sincospif has no slow path. |epsilon| <= 5.8.
 #pragma once
@@ -67,8 +67,8 @@ FASTBNF_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 }
 
 // Philox4x32 with 10 rounds (Salmon et al., 2011), the generator of curand and ATen.
-FASTBNF_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                 uint32_t k0, uint32_t k1) {
+FASTBNF_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                 uint32_t k1) {
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #pragma unroll
 #endif

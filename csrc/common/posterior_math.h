@@ -50,13 +50,21 @@ __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, 
 __device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
 #else
 template <typename S>
-FASTBNF_HD S mul(S a, S b) { return a * b; }
+FASTBNF_HD S mul(S a, S b) {
+  return a * b;
+}
 template <typename S>
-FASTBNF_HD S add(S a, S b) { return a + b; }
+FASTBNF_HD S add(S a, S b) {
+  return a + b;
+}
 template <typename S>
-FASTBNF_HD S sub(S a, S b) { return a - b; }
+FASTBNF_HD S sub(S a, S b) {
+  return a - b;
+}
 template <typename S>
-FASTBNF_HD S div(S a, S b) { return a / b; }
+FASTBNF_HD S div(S a, S b) {
+  return a / b;
+}
 #endif
 
 // The prior's constants of a tensor, in double, rounded to S where used.
@@ -93,19 +101,29 @@ FASTBNF_HD S softclip_scale(S l) {
 }
 
 template <typename S>
-FASTBNF_HD S softclip(S l, S q) { return mul(l, q); }
+FASTBNF_HD S softclip(S l, S q) {
+  return mul(l, q);
+}
 
 template <typename S>
-FASTBNF_HD S softclip_slope(S q) { return mul(mul(q, q), q); }
+FASTBNF_HD S softclip_slope(S q) {
+  return mul(mul(q, q), q);
+}
 
 template <class M, typename S>
-FASTBNF_HD S sigma(S lc) { return M::exp(mul(lc, static_cast<S>(0.5))); }
+FASTBNF_HD S sigma(S lc) {
+  return M::exp(mul(lc, static_cast<S>(0.5)));
+}
 
 template <class M, typename S>
-FASTBNF_HD S variance(S lc) { return M::exp(lc); }
+FASTBNF_HD S variance(S lc) {
+  return M::exp(lc);
+}
 
 template <typename S>
-FASTBNF_HD S theta(S mu, S sigma, S eps) { return add(mu, mul(sigma, eps)); }
+FASTBNF_HD S theta(S mu, S sigma, S eps) {
+  return add(mu, mul(sigma, eps));
+}
 
 // d = mu - m (mu itself when the prior mean is 0), v = variance(lc).
 template <typename S>
@@ -131,7 +149,9 @@ FASTBNF_HD S logvar_part_kl(S v, S inv_var, S grad_kl) {
 }
 
 template <typename S>
-FASTBNF_HD S grad_logvar(S slope, S part) { return mul(slope, part); }
+FASTBNF_HD S grad_logvar(S slope, S part) {
+  return mul(slope, part);
+}
 
 }  // namespace posterior
 }  // namespace fastbnf

@@ -133,8 +133,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
       static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
   if (bytes < kPooledBytes) return at::empty(sizes, options);
   void* ptr = pool().take(bytes);
-  return at::from_blob(
-      ptr, sizes, [bytes](void* p) { pool().give_back(p, bytes); }, options);
+  return at::from_blob(ptr, sizes, [bytes](void* p) { pool().give_back(p, bytes); }, options);
 }
 
 int64_t release_idle_buffers() { return pool().release(); }

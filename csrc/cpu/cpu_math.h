@@ -100,17 +100,19 @@ FASTBNF_INLINE void sincospi_poly(float x, float* s, float* c) {
   const int32_t j = static_cast<int32_t>(x * 2.0f + 0.5f);  // x >= 0: truncation is floor
   const float r = x - static_cast<float>(j) * 0.5f;
   const float z = r * r;
-  constexpr float kPiHi = 3.14159274101257324f;      // float(pi)
+  constexpr float kPiHi = 3.14159274101257324f;       // float(pi)
   constexpr float kPiLo = -8.74227801261895400e-08f;  // pi - kPiHi
-  float ps = madd<kFma>(z, 8.21458866111281929e-02f, -5.99264529320791896e-01f);  // pi^9/9!, pi^7/7!
-  ps = madd<kFma>(ps, z, 2.55016403987734498e+00f);                               // pi^5/5!
-  ps = madd<kFma>(ps, z, -5.16771278004996947e+00f);                              // pi^3/3!
+  float ps =
+      madd<kFma>(z, 8.21458866111281929e-02f, -5.99264529320791896e-01f);  // pi^9/9!, pi^7/7!
+  ps = madd<kFma>(ps, z, 2.55016403987734498e+00f);                        // pi^5/5!
+  ps = madd<kFma>(ps, z, -5.16771278004996947e+00f);                       // pi^3/3!
   ps = madd<kFma>(ps, z, kPiLo);
   const float sn = madd<kFma>(r, kPiHi, r * ps);
-  float pc = madd<kFma>(z, -2.58068913900140499e-02f, 2.35330630358893123e-01f);  // pi^10/10!, pi^8/8!
-  pc = madd<kFma>(pc, z, -1.33526276885458927e+00f);                              // pi^6/6!
-  pc = madd<kFma>(pc, z, 4.05871212641676823e+00f);                               // pi^4/4!
-  pc = madd<kFma>(pc, z, -4.93480220054467931e+00f);                              // pi^2/2
+  float pc =
+      madd<kFma>(z, -2.58068913900140499e-02f, 2.35330630358893123e-01f);  // pi^10/10!, pi^8/8!
+  pc = madd<kFma>(pc, z, -1.33526276885458927e+00f);                       // pi^6/6!
+  pc = madd<kFma>(pc, z, 4.05871212641676823e+00f);                        // pi^4/4!
+  pc = madd<kFma>(pc, z, -4.93480220054467931e+00f);                       // pi^2/2
   const float cn = madd<kFma>(pc, z, 1.0f);
   const int32_t q = j & 3;
   const bool swap = (q & 1) != 0;
@@ -226,11 +228,9 @@ FASTBNF_TARGET_AVX2 inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m2
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-FASTBNF_TARGET_AVX2 inline void philox_words_avx2(uint32_t* __restrict x0,
-                                                          uint32_t* __restrict x1,
-                                                          uint32_t* __restrict x2,
-                                                          uint32_t* __restrict x3,
-                                                          uint64_t block0, const PhiloxKey& key) {
+FASTBNF_TARGET_AVX2 inline void philox_words_avx2(uint32_t* __restrict x0, uint32_t* __restrict x1,
+                                                  uint32_t* __restrict x2, uint32_t* __restrict x3,
+                                                  uint64_t block0, const PhiloxKey& key) {
   constexpr int V = kBatchBlocks / 8;
   __m256i c0[V], c1[V], c2[V], c3[V];
   const uint32_t lo = static_cast<uint32_t>(block0);
@@ -286,8 +286,7 @@ FASTBNF_TARGET_AVX2 inline void philox_words_avx2(uint32_t* __restrict x0,
 // Box-Muller of philox.h on the words of kBatchBlocks blocks, in lane order.
 template <bool kFma>
 FASTBNF_INLINE void box_muller_batch(float* __restrict out, const uint32_t* __restrict x0,
-                                     const uint32_t* __restrict x1,
-                                     const uint32_t* __restrict x2,
+                                     const uint32_t* __restrict x1, const uint32_t* __restrict x2,
                                      const uint32_t* __restrict x3) {
   FASTBNF_SIMD
   for (int l = 0; l < kBatchBlocks; ++l) {

@@ -219,9 +219,9 @@ struct KlSum {
 
 // The first entry that ends after flat index i.
 size_t first_entry(const Group& g, int64_t i) {
-  const auto it = std::upper_bound(
-      g.entries.begin(), g.entries.end(), i,
-      [](int64_t x, const TensorEntry& e) { return x < e.begin + e.numel; });
+  const auto it =
+      std::upper_bound(g.entries.begin(), g.entries.end(), i,
+                       [](int64_t x, const TensorEntry& e) { return x < e.begin + e.numel; });
   return static_cast<size_t>(it - g.entries.begin());
 }
 
@@ -342,8 +342,8 @@ FASTBNF_INLINE void forward_chunks_impl(const ForwardArgs& a, int64_t c0, int64_
     });
     if constexpr (kMode == 2) {
       for (int64_t k = 1; k < a.n; ++k) {
-        eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0,
-                                  a.key);
+        eps =
+            fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0, a.key);
         for_pieces(g, i0, i1, [&](const TensorEntry& e, int64_t p0, int64_t p1) {
           resample_piece<T, out_t>(at_flat<T>(e.mean, e, p0), sig_buf.get() + (p0 - i0),
                                    eps + (p0 - i0), theta + k * N + p0, p1 - p0);
@@ -498,8 +498,8 @@ FASTBNF_INLINE void backward_chunks_impl(const BackwardArgs& a, int64_t c0, int6
     const float* eps = nullptr;
     if constexpr (kMode == 2) {
       for (int64_t k = 0; k < a.n; ++k) {
-        eps = fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0,
-                                  a.key);
+        eps =
+            fill_normals<kAvx2>(eps_buf.get(), static_cast<uint64_t>(k * N + i0), i1 - i0, a.key);
         accumulate_piece<S, grad_t>(grad + k * N + i0, eps, G.get(), GE.get(), i1 - i0, k == 0);
       }
     } else if constexpr (kMode == 1) {
@@ -509,10 +509,9 @@ FASTBNF_INLINE void backward_chunks_impl(const BackwardArgs& a, int64_t c0, int6
       const int64_t r = p0 - i0;
       backward_piece<kAvx2, T, grad_t, kMode, kKl, kPm>(
           at_flat<T>(e.mean, e, p0), at_flat<T>(e.logvar, e, p0),
-          kPm ? at_flat<T>(e.prior_mean, e, p0) : nullptr,
-          kMode == 1 ? grad + p0 : nullptr, kMode == 1 ? eps + r : nullptr,
-          kMode == 2 ? G.get() + r : nullptr, kMode == 2 ? GE.get() + r : nullptr, gmu + p0,
-          glv + p0, p1 - p0, e, gkl);
+          kPm ? at_flat<T>(e.prior_mean, e, p0) : nullptr, kMode == 1 ? grad + p0 : nullptr,
+          kMode == 1 ? eps + r : nullptr, kMode == 2 ? G.get() + r : nullptr,
+          kMode == 2 ? GE.get() + r : nullptr, gmu + p0, glv + p0, p1 - p0, e, gkl);
     });
   }
 }
@@ -594,18 +593,10 @@ FASTBNF_TARGET_AVX2 void variance_chunks_avx2(const Group& g, St<T>* out, int64_
 template <typename F>
 void dispatch_group(at::ScalarType dtype, const F& f) {
   switch (dtype) {
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kFloat:
-      f(float{});
-      break;
-    default:
-      f(double{});
-      break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kFloat: f(float{}); break;
+    default: f(double{}); break;
   }
 }
 
@@ -715,8 +706,13 @@ std::tuple<at::Tensor, at::Tensor> sample_backward_kernel(
 
   at::Tensor grad_means = empty_output({N}, g.dtype);
   at::Tensor grad_logvars = empty_output({N}, g.dtype);
-  const BackwardArgs a{&g,  samples, grad.data_ptr(), gkl, read_rng_state(state),
-                       grad_means.data_ptr(), grad_logvars.data_ptr()};
+  const BackwardArgs a{&g,
+                       samples,
+                       grad.data_ptr(),
+                       gkl,
+                       read_rng_state(state),
+                       grad_means.data_ptr(),
+                       grad_logvars.data_ptr()};
   dispatch_group(g.dtype, [&](auto t) {
     using T = decltype(t);
     dispatch_like<T>(grad.scalar_type(), g.dtype,
@@ -750,8 +746,13 @@ std::tuple<at::Tensor, at::Tensor> kl_backward_kernel(
   const int64_t N = g.numel;
   at::Tensor grad_means = empty_output({N}, g.dtype);
   at::Tensor grad_logvars = empty_output({N}, g.dtype);
-  const BackwardArgs a{&g, 0, nullptr, grad_kl.item<double>(), PhiloxKey(0, 0),
-                       grad_means.data_ptr(), grad_logvars.data_ptr()};
+  const BackwardArgs a{&g,
+                       0,
+                       nullptr,
+                       grad_kl.item<double>(),
+                       PhiloxKey(0, 0),
+                       grad_means.data_ptr(),
+                       grad_logvars.data_ptr()};
   dispatch_group(g.dtype, [&](auto t) {
     using T = decltype(t);
     run_backward<T, T>(a, true);

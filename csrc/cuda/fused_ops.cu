@@ -49,8 +49,16 @@ static_assert(kTileElements % 4 == 0, "tiles hold whole groups of 4");
 
 // The compute type, and the resident blocks per SM asked of the compiler: 4 blocks of 256
 // threads cap a float kernel at 64 registers; double kernels get 128.
-template <typename T> struct Traits { using S = float; static constexpr int kMinBlocks = 4; };
-template <> struct Traits<double> { using S = double; static constexpr int kMinBlocks = 2; };
+template <typename T>
+struct Traits {
+  using S = float;
+  static constexpr int kMinBlocks = 4;
+};
+template <>
+struct Traits<double> {
+  using S = double;
+  static constexpr int kMinBlocks = 2;
+};
 
 // exp and rsqrt of posterior_math.h on the device: the functions PyTorch's CUDA ops use.
 struct DeviceMath {
@@ -71,22 +79,27 @@ __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162floa
 
 // Rounds a computed value to a stored type. Doubles go to float16 / bfloat16 through float, as
 // PyTorch converts them.
-template <typename O> struct Narrow;
-template <> struct Narrow<float> {
+template <typename O>
+struct Narrow;
+template <>
+struct Narrow<float> {
   __device__ __forceinline__ static float from(float x) { return x; }
   __device__ __forceinline__ static float from(double x) { return static_cast<float>(x); }
 };
-template <> struct Narrow<double> {
+template <>
+struct Narrow<double> {
   __device__ __forceinline__ static double from(double x) { return x; }
   __device__ __forceinline__ static double from(float x) { return x; }
 };
-template <> struct Narrow<__half> {
+template <>
+struct Narrow<__half> {
   __device__ __forceinline__ static __half from(float x) { return __float2half_rn(x); }
   __device__ __forceinline__ static __half from(double x) {
     return __float2half_rn(static_cast<float>(x));
   }
 };
-template <> struct Narrow<__nv_bfloat16> {
+template <>
+struct Narrow<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
   __device__ __forceinline__ static __nv_bfloat16 from(double x) {
     return __float2bfloat16_rn(static_cast<float>(x));
@@ -107,14 +120,19 @@ __device__ __forceinline__ void store1(O* p, S x) {
 template <typename S>
 __device__ __forceinline__ void load4(const float* p, S out[4]) {
   const float4 v = __ldg(reinterpret_cast<const float4*>(p));
-  out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
 }
 template <typename S>
 __device__ __forceinline__ void load4(const double* p, S out[4]) {
   const double2 a = __ldg(reinterpret_cast<const double2*>(p));
   const double2 b = __ldg(reinterpret_cast<const double2*>(p) + 1);
-  out[0] = static_cast<S>(a.x); out[1] = static_cast<S>(a.y);
-  out[2] = static_cast<S>(b.x); out[3] = static_cast<S>(b.y);
+  out[0] = static_cast<S>(a.x);
+  out[1] = static_cast<S>(a.y);
+  out[2] = static_cast<S>(b.x);
+  out[3] = static_cast<S>(b.y);
 }
 template <typename S>
 __device__ __forceinline__ void load4(const __half* p, S out[4]) {
@@ -123,7 +141,10 @@ __device__ __forceinline__ void load4(const __half* p, S out[4]) {
   memcpy(&lo, &v.x, 4);
   memcpy(&hi, &v.y, 4);
   const float2 a = __half22float2(lo), b = __half22float2(hi);
-  out[0] = a.x; out[1] = a.y; out[2] = b.x; out[3] = b.y;
+  out[0] = a.x;
+  out[1] = a.y;
+  out[2] = b.x;
+  out[3] = b.y;
 }
 template <typename S>
 __device__ __forceinline__ void load4(const __nv_bfloat16* p, S out[4]) {
@@ -132,7 +153,10 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, S out[4]) {
   memcpy(&lo, &v.x, 4);
   memcpy(&hi, &v.y, 4);
   const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
-  out[0] = a.x; out[1] = a.y; out[2] = b.x; out[3] = b.y;
+  out[0] = a.x;
+  out[1] = a.y;
+  out[2] = b.x;
+  out[3] = b.y;
 }
 
 template <typename S>
@@ -194,7 +218,10 @@ __device__ __forceinline__ void eps4(uint64_t j, uint64_t key, uint64_t offset, 
   float a[4];
   normal4(philox_block(j >> 2, key, offset), a);
   if (r == 0) {
-    e[0] = a[0]; e[1] = a[1]; e[2] = a[2]; e[3] = a[3];
+    e[0] = a[0];
+    e[1] = a[1];
+    e[2] = a[2];
+    e[3] = a[3];
     return;
   }
   float b[4];
@@ -495,8 +522,8 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
         const Elem<T> x = element<T>(p.c.tensors, t, i0 + q);
         mu[q] = x.mean();
         const bool prior = with_kl && x.has_prior_mean();
-        sg[q] = element_sigma(mu[q], x.logvar(), prior, prior ? x.prior_mean() : S(0),
-                              x.inv_var(), x.log_var_m1());
+        sg[q] = element_sigma(mu[q], x.logvar(), prior, prior ? x.prior_mean() : S(0), x.inv_var(),
+                              x.log_var_m1());
       }
     }
     for (int64_t k = 0; k < p.samples; ++k) {
@@ -793,7 +820,8 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
           for (int q = 0; q < 4; ++q) es[q] = pm::mul(gs[u][q], static_cast<S>(e[q]));
         }
 #pragma unroll
-        for (int q = 0; q < 4; ++q) grads(d[q], l[u][q], gs[u][q], es[q], s.inv_var, d[q], l[u][q]);
+        for (int q = 0; q < 4; ++q)
+          grads(d[q], l[u][q], gs[u][q], es[q], s.inv_var, d[q], l[u][q]);
         store_grads(i0, d, l[u]);
       }
     }
@@ -854,7 +882,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // per device and kernel), no more blocks than tiles.
 unsigned grid_size(const void* kernel, int64_t tiles) {
   static std::mutex mutex;
-  static std::unordered_map<uint64_t, int64_t>* cache = new std::unordered_map<uint64_t, int64_t>();
+  static std::unordered_map<uint64_t, int64_t>* cache =
+      new std::unordered_map<uint64_t, int64_t>();
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -968,7 +997,8 @@ void fill_tile_map(void* host, const TensorEntry* entries, int64_t num_tensors, 
 }
 
 size_t forward_workspace_bytes(int64_t numel) {
-  return kCounterBytes + sizeof(double) * static_cast<size_t>(std::max<int64_t>(num_tiles(numel), 1));
+  return kCounterBytes +
+         sizeof(double) * static_cast<size_t>(std::max<int64_t>(num_tiles(numel), 1));
 }
 
 size_t forward_workspace_zero_bytes() { return kCounterBytes; }

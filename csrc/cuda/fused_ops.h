@@ -71,7 +71,7 @@ struct ForwardArgs {
   int64_t numel = 0;                  // N
   int64_t samples = 1;                // rows of theta (kSample)
   ForwardMode mode = ForwardMode::kSample;
-  bool with_kl = false;          // kSample: also the KL (kKL: always)
+  bool with_kl = false;  // kSample: also the KL (kKL: always)
   bool with_prior_means = false;
   void* out = nullptr;           // theta (samples, N) or the variance (N)
   void* kl = nullptr;            // 0-dim, dtype; written in kSample and kKL modes
@@ -87,9 +87,9 @@ struct BackwardArgs {
   const void* table = nullptr;
   int64_t num_tensors = 0;
   int64_t numel = 0;
-  int64_t samples = 0;                 // rows of grad_theta; 0: the KL's backward alone
-  const void* grad_theta = nullptr;    // (samples, N), contiguous
-  const void* grad_kl = nullptr;       // one element of grad_kl_dtype; read when with_kl
+  int64_t samples = 0;               // rows of grad_theta; 0: the KL's backward alone
+  const void* grad_theta = nullptr;  // (samples, N), contiguous
+  const void* grad_kl = nullptr;     // one element of grad_kl_dtype; read when with_kl
   bool with_kl = false;
   bool with_prior_means = false;
   const int64_t* rng_state = nullptr;  // device int64[2]

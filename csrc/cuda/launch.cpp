@@ -2,9 +2,9 @@
 // group (cached), the Philox key, and the registration of the CUDA implementations of the kernel
 // ops (schemas come from Python). Messages go through message.h (no iostreams).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -121,8 +121,8 @@ class TableCache {
                                at::TensorOptions().dtype(at::kByte).device(group.device));
     // Asynchronous from pinned memory on the current stream; under capture, a memcpy node of
     // the graph (the host image lives as long as the entry, forever once pinned).
-    C10_CUDA_CHECK(cudaMemcpyAsync(dev.data_ptr(), host.data_ptr(), bytes,
-                                   cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(
+        cudaMemcpyAsync(dev.data_ptr(), host.data_ptr(), bytes, cudaMemcpyHostToDevice, stream));
     cudaEvent_t uploaded = nullptr;
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&uploaded, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventRecord(uploaded, stream));
@@ -144,10 +144,10 @@ class TableCache {
   struct Entry {
     at::Tensor host_table;
     at::Tensor device_table;
-    cudaStream_t stream;    // of the upload
-    cudaEvent_t uploaded;   // recorded after the upload
-    bool pinned;            // made or used under capture: never evicted
-    bool done;              // the upload is known to be complete
+    cudaStream_t stream;   // of the upload
+    cudaEvent_t uploaded;  // recorded after the upload
+    bool pinned;           // made or used under capture: never evicted
+    bool done;             // the upload is known to be complete
     std::list<std::string>::iterator position;
   };
 
