@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import os
 import re
 import shutil
@@ -38,24 +39,16 @@ MAX_F64_ADDS = 64
 F64_DATA = {"mov", "ld", "st", "cvt", "selp", "shfl", "cvta"}
 
 
-def toolkit_includes(nvcc: str) -> list[str]:
-    """The toolkit's include folder, for a nvcc on the path that is a wrapper script."""
+def toolkit_includes(root: Path) -> list[str]:
+    """The include flags of the build (fastbnf/_build_cuda.py, loaded by path: no torch
+    needed), which finds the toolkit's headers also for a nvcc on the path that is a wrapper."""
 
-    try:
-        out = subprocess.run(
-            [nvcc, "--dryrun", "-x", "cu", "-E", os.devnull, "-o", os.devnull],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return []
-    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
-    if not match:
-        return []
-    root = Path(match.group(1).strip()).resolve()
-    dirs = [root / "include", root / "targets" / "x86_64-linux" / "include"]
-    return [f"-I{d}" for d in dirs if (d / "cuda_runtime_api.h").exists()][:1]
+    spec = importlib.util.spec_from_file_location(
+        "_build_cuda", root / "fastbnf" / "_build_cuda.py"
+    )
+    build_cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_cuda)
+    return [f"-I{d}" for d in build_cuda.cuda_include_dirs()]
 
 
 def compile_one(nvcc: str, includes: list[str], root: Path, cu: Path, arch: str, work: Path):
@@ -212,7 +205,7 @@ def main() -> int:
     if nvcc is None:
         print("check_kernel_resources: nvcc not found", file=sys.stderr)
         return 1
-    includes = toolkit_includes(nvcc)
+    includes = toolkit_includes(root)
     sources = sorted((root / "csrc").rglob("*.cu"))
     if not sources:
         print("check_kernel_resources: no .cu files", file=sys.stderr)

@@ -267,6 +267,23 @@ def test_sample_equals_the_twin(monkeypatch, device, dtype, n, prior):
     torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=rtol, atol=0)
 
 
+def backward_equals_the_twin(
+    monkeypatch, means, logvars, args, g, grad_kl, eps, rng_state, with_kl
+):
+    r"""The kernel's sample_backward against the twin's given the kernel's noise ``eps``."""
+
+    device, dtype = means[0].device.type, means[0].dtype
+    out = K.sample_backward_kernel(g, grad_kl, means, logvars, rng_state, with_kl, *args)
+    expected = run_reference(
+        monkeypatch, eps, reference.sample_backward, g, grad_kl, means, logvars, rng_state,
+        with_kl, *args,
+    )  # fmt: skip
+    scales = closed_form_scales(means, logvars, args, g, eps, grad_kl if with_kl else None)
+    for got, ref, scale in zip(out, expected, scales):
+        assert got.dtype == dtype and got.shape == (numel(means),)
+        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [None, 1, 3])
 @pytest.mark.parametrize("with_kl", [True, False])
@@ -278,23 +295,9 @@ def test_sample_backward_equals_the_twin(monkeypatch, device, dtype, n, with_kl,
     generator = torch.Generator().manual_seed(2)
     g = torch.randn(eps.shape, generator=generator).to(device, dtype)
     grad_kl = torch.tensor(0.7, device=device, dtype=dtype)
-    out = K.sample_backward_kernel(g, grad_kl, means, logvars, rng_state, with_kl, *args)
-    expected = run_reference(
-        monkeypatch,
-        eps,
-        reference.sample_backward,
-        g,
-        grad_kl,
-        means,
-        logvars,
-        rng_state,
-        with_kl,
-        *args,
+    backward_equals_the_twin(
+        monkeypatch, means, logvars, args, g, grad_kl, eps, rng_state, with_kl
     )
-    scales = closed_form_scales(means, logvars, args, g, eps, grad_kl if with_kl else None)
-    for got, ref, scale in zip(out, expected, scales):
-        assert got.dtype == dtype and got.shape == (numel(means),)
-        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -352,22 +355,7 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
 
     g = torch.linspace(-1, 1, theta.numel(), dtype=dtype, device=device).reshape(theta.shape)
     grad_kl = torch.tensor(0.3, dtype=dtype, device=device)
-    out = K.sample_backward_kernel(g, grad_kl, means, logvars, rng_state, True, *args)
-    expected = run_reference(
-        monkeypatch,
-        eps,
-        reference.sample_backward,
-        g,
-        grad_kl,
-        means,
-        logvars,
-        rng_state,
-        True,
-        *args,
-    )
-    scales = closed_form_scales(means, logvars, args, g, eps, grad_kl)
-    for got, ref, scale in zip(out, expected, scales):
-        assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
+    backward_equals_the_twin(monkeypatch, means, logvars, args, g, grad_kl, eps, rng_state, True)
 
 
 # --------------------------------------------------------------------------------------------
