@@ -390,6 +390,20 @@ struct Common {
   unsigned int* counter;
 };
 
+// The means and log-variances of a thread's two groups of a segment (the second one when
+// has2), every load issued before any is used.
+template <typename T, typename S>
+__device__ __forceinline__ void load_pair(const Seg<T>& s, const int off[2], bool has2, S mu[2][4],
+                                          S l[2][4]) {
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    if (u == 0 || has2) {
+      load4(s.mean + off[u], mu[u]);
+      load4(s.logvar + off[u], l[u]);
+    }
+  }
+}
+
 // One element of the slow path: its tensor's entry and its index in the tensor.
 template <typename T>
 struct Elem {
@@ -481,13 +495,7 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
     const bool prior = with_kl && s.prior_mean != nullptr;
     // All the loads of both groups first, then each group's maths and noise.
     S mu[2][4], l[2][4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      if (u == 0 || has2) {
-        load4(s.mean + off[u], mu[u]);
-        load4(s.logvar + off[u], l[u]);
-      }
-    }
+    load_pair(s, off, has2, mu, l);
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       if (u == 0 || has2) {
@@ -575,13 +583,7 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
     const int off[2] = {4 * g, 4 * (g + kThreads)};
     const bool prior = s.prior_mean != nullptr;
     S mu[2][4], l[2][4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      if (u == 0 || has2) {
-        load4(s.mean + off[u], mu[u]);
-        load4(s.logvar + off[u], l[u]);
-      }
-    }
+    load_pair(s, off, has2, mu, l);
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       if (u == 0 || has2) {
