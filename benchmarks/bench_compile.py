@@ -1,11 +1,12 @@
-r"""Opt-in (``--run-slow``): zuko's sampling + KL under ``torch.compile``, compile time included.
+r"""Opt-in (``--run-slow``): the seed-style sampling + KL under ``torch.compile``, compile time
+included, for zuko and fastbnf.
 
-The contender ``zuko-compile`` joins the ``step/<case>/cpu`` groups of ``bench_step.py``, so the
-report puts it beside eager zuko and fastbnf. ``extra_info["compile_s"]`` holds the time of the
-first step (tracing, compiling and running once); the report adds it to the steady-state median
-to give the number of steps after which compiling pays off.
+The contenders ``zuko-compile`` and ``fastbnf-compile`` (the compiled kernels where built) join
+the ``step/<case>/cpu`` groups of ``bench_step.py``, so the report puts them beside eager zuko
+and fastbnf. ``extra_info["compile_s"]`` holds the time of the first step (tracing, compiling and
+running once); the report adds it to the steady-state median to give the number of steps after
+which compiling pays off.
 """
-
 import time
 
 import pytest
@@ -35,10 +36,11 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", list(CASES))
-def test_zuko_compiled(benchmark, quick, device, case):
+@pytest.mark.parametrize("contender", ["zuko", "fastbnf"])
+def test_compiled(benchmark, quick, device, case, contender):
     base = CASES[case](device) if not quick else tutorial_mlp(device)
     loss_fn = LinearLoss(base)
-    bm = wrap("zuko", base)
+    bm = wrap(contender, base)
     params = list(bm.parameters())
     done = sync(device)
 
@@ -65,7 +67,7 @@ def test_zuko_compiled(benchmark, quick, device, case):
     info(
         benchmark,
         kind="step",
-        contender="zuko-compile",
+        contender=f"{contender}-compile",
         case=case,
         device=device,
         size=numel(base),

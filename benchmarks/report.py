@@ -26,6 +26,7 @@ TARGETS = {"tutorial-mlp": 3.0, "tensors-500x1000": 20.0, "stack-25M": 6.0}
 CONTENDER_ORDER = [
     "zuko",
     "zuko-compile",
+    "fastbnf-compile",
     "torch",
     "torch-fused",
     "cpp",
@@ -41,6 +42,7 @@ UNRATED = ("zuko", "plain", "leaves", "randn")
 STYLE = {
     "zuko": {"color": "tab:red", "marker": "o"},
     "zuko-compile": {"color": "tab:pink", "marker": "o", "linestyle": "--"},
+    "fastbnf-compile": {"color": "tab:olive", "marker": "^", "linestyle": "--"},
     "torch": {"color": "tab:blue", "marker": "s"},
     "torch-fused": {"color": "tab:blue", "marker": "s", "linestyle": "--"},
     "cpp": {"color": "tab:green", "marker": "^"},
@@ -267,45 +269,49 @@ def step_section(r: Results) -> list[str]:
             *table(header, rows),
             "",
         ]
-        compiled = {c: row["zuko-compile"] for c, row in cases.items() if "zuko-compile" in row}
-        if compiled:
-            rows = []
-            for case, e in sorted(compiled.items(), key=lambda kv: case_key(kv[0])):
-                row = cases[case]
-                z = row["zuko"]["median"] if "zuko" in row else None
-                best = r.best_fastbnf(device, row, True)
-                fb = row[best]["median"] if best else None
-                gain = (z - e["median"]) if z else None
-                rows.append(
-                    [
-                        case,
-                        fmt_time(e["compile_s"]),
-                        fmt_time(e["median"]),
-                        fmt_time(z),
-                        fmt_time(fb),
-                        (f"{e['compile_s'] / gain:.0f}" if gain and gain > 0 else "never"),
-                        fmt_time(1000 * e["median"] + e["compile_s"]),
-                        fmt_time(1000 * fb) if fb else "–",
-                    ]
-                )
-            out += [
-                f"### torch.compile of zuko ({device}), compile time included",
-                "",
-                *table(
-                    [
-                        "case",
-                        "compile (first step)",
-                        "compiled step",
-                        "eager zuko",
-                        "fastbnf fused",
-                        "steps to amortize vs eager",
-                        "1000 steps, compiled",
-                        "1000 steps, fastbnf",
-                    ],
-                    rows,
-                ),
-                "",
-            ]
+        for compiled_name, title in (
+            ("zuko-compile", "torch.compile of zuko"),
+            ("fastbnf-compile", "torch.compile of fastbnf"),
+        ):
+            compiled = {c: row[compiled_name] for c, row in cases.items() if compiled_name in row}
+            if compiled:
+                rows = []
+                for case, e in sorted(compiled.items(), key=lambda kv: case_key(kv[0])):
+                    row = cases[case]
+                    z = row["zuko"]["median"] if "zuko" in row else None
+                    best = r.best_fastbnf(device, row, True)
+                    fb = row[best]["median"] if best else None
+                    gain = (z - e["median"]) if z else None
+                    rows.append(
+                        [
+                            case,
+                            fmt_time(e["compile_s"]),
+                            fmt_time(e["median"]),
+                            fmt_time(z),
+                            fmt_time(fb),
+                            (f"{e['compile_s'] / gain:.0f}" if gain and gain > 0 else "never"),
+                            fmt_time(1000 * e["median"] + e["compile_s"]),
+                            fmt_time(1000 * fb) if fb else "–",
+                        ]
+                    )
+                out += [
+                    f"### {title} ({device}), compile time included",
+                    "",
+                    *table(
+                        [
+                            "case",
+                            "compile (first step)",
+                            "compiled step",
+                            "eager zuko",
+                            "fastbnf fused",
+                            "steps to amortize vs eager",
+                            "1000 steps, compiled",
+                            "1000 steps, fastbnf",
+                        ],
+                        rows,
+                    ),
+                    "",
+                ]
     return out
 
 

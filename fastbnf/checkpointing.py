@@ -83,7 +83,9 @@ class _Sentinel:
         self.model = weakref.ref(model)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if _graph_task_id() == -1:
+        # Outside a backward, or in compiled code (whose recomputations come from its graph,
+        # never from the module), no recomputation can see the base weights.
+        if torch.compiler.is_compiling() or _graph_task_id() == -1:
             return None
 
         model = self.model()
@@ -158,6 +160,13 @@ def installed(model: BayesianModel, samples: list, forwards: dict) -> Iterator[N
         samples: Its ``(group, views)`` pairs as swapped into the base model.
         forwards: The local trick's patched forwards, by module.
     """
+
+    if torch.compiler.is_compiling():
+        # A compiled step: its graph holds the samples, and torch.compile recomputes
+        # checkpointed regions from the graph, so there is nothing to reinstall. (Dynamo cannot
+        # trace the bookkeeping below either: it writes to modules' hook dicts.)
+        yield
+        return
 
     disarm(model)
     state = _State(model, samples, forwards)

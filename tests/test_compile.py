@@ -1,0 +1,48 @@
+r"""Whole training steps under :func:`torch.compile`: one graph, the eager results."""
+
+import pytest
+import torch
+
+from zuko.nn import MLP
+
+import fastbnf
+
+
+@pytest.mark.parametrize("style", ["seed", "fused"])
+def test_compiled_step_is_one_graph_with_the_eager_results(backend, style):
+    r"""The tutorial's step (``kl_divergence()`` then ``reparameterize()``) and the fused one
+    (``return_kl=True``) compile with ``fullgraph=True``, which fails on any graph break, and
+    give the eager loss and gradients for the same seed."""
+
+    torch.manual_seed(0)
+    bm = fastbnf.BayesianModel(MLP(5, 5, hidden_features=(16, 16)), init_logvar=-3.0)
+    x, y = torch.randn(8, 5), torch.randn(8, 5)
+
+    def step(x, y):
+        if style == "seed":
+            kl = bm.kl_divergence(prior_var=0.5)
+            with bm.reparameterize() as model:
+                loss = (model(x) - y).square().mean()
+        else:
+            with bm.reparameterize(return_kl=True, prior_var=0.5) as (model, kl):
+                loss = (model(x) - y).square().mean()
+        return loss + 1e-3 * kl
+
+    def run(fn):
+        bm.zero_grad()
+        torch.manual_seed(1)
+        loss = fn(x, y)
+        loss.backward()
+        return loss.detach(), {
+            k: p.grad.clone() for k, p in bm.named_parameters() if p.requires_grad
+        }
+
+    eager_loss, eager_grads = run(step)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # the first call compiles, the second runs the compiled graph
+        loss, grads = run(compiled)
+        torch.testing.assert_close(loss, eager_loss)
+        assert grads.keys() == eager_grads.keys()
+        for key, grad in grads.items():
+            torch.testing.assert_close(grad, eager_grads[key], msg=key)
+    assert not bm._active  # the context closed in the compiled code too
