@@ -7,6 +7,7 @@ and fastbnf. ``extra_info["compile_s"]`` holds the time of the first step (traci
 running once); the report adds it to the steady-state median to give the number of steps after
 which compiling pays off.
 """
+
 import time
 
 import pytest

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (design.md §6): on a machine with a CUDA GPU, a CUDA build of PyTorch, nvcc,
+# The GPU check: on a machine with a CUDA GPU, a CUDA build of PyTorch, nvcc,
 # ninja, pybind11 and pytest, and no network:
 #   1. installs zuko from .wheels/ when it is missing;
 #   2. builds the extension for the GPU it finds (TORCH_CUDA_ARCH_LIST from the device,

@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-#: Bytes moved per fp32 parameter per step by the fused path (design.md, byte budget).
+#: Bytes moved per fp32 parameter per step by the fused path (docs/design.md, the byte budget).
 BYTES_PER_PARAM = 32
 
 #: Targets of the issue "CPU kernels": fastbnf (compiled kernel) over zuko, medians.

@@ -12,6 +12,7 @@ import os
 import torch
 import warnings
 
+from . import _compat
 from ._schemas import KERNEL_SUFFIX, OP_NAMES
 
 BACKENDS = ("torch", "cpp", "cuda")
@@ -73,8 +74,7 @@ def has_kernel(device_type: str) -> bool:
     key = "CPU" if device_type == "cpu" else "CUDA"
 
     return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbnf::{name}{KERNEL_SUFFIX}", key)
-        for name in OP_NAMES
+        _compat.dispatch_has_kernel(f"fastbnf::{name}{KERNEL_SUFFIX}", key) for name in OP_NAMES
     )
 
 

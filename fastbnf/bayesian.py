@@ -18,6 +18,7 @@ from typing import Any
 
 from . import checkpointing, ops
 from . import predict as _predict
+from ._compat import swap_parameter
 from .local_trick import is_trick_layer, local_linear, patched_forwards
 from .selection import select_parameters
 
@@ -413,14 +414,13 @@ class BayesianModel(nn.Module):
 
         for group, views in samples:
             for module, attribute, i in group.places:
-                originals.append((module, attribute, module._parameters[attribute]))
-                module._parameters[attribute] = views[i]
+                originals.append((module, attribute, swap_parameter(module, attribute, views[i])))
 
         try:
             yield
         finally:
             for module, attribute, original in reversed(originals):
-                module._parameters[attribute] = original
+                swap_parameter(module, attribute, original)
 
     # The local reparameterization trick.
 

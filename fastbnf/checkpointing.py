@@ -32,13 +32,11 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from . import _compat
 from .local_trick import patched_forwards
 
 if TYPE_CHECKING:
     from .bayesian import BayesianModel
-
-# Private, hence looked up defensively: without it the sentinels cannot tell a backward pass.
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 class _State:
@@ -85,7 +83,7 @@ class _Sentinel:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         # Outside a backward, or in compiled code (whose recomputations come from its graph,
         # never from the module), no recomputation can see the base weights.
-        if torch.compiler.is_compiling() or _graph_task_id() == -1:
+        if torch.compiler.is_compiling() or _compat.graph_task_id() == -1:
             return None
 
         model = self.model()
@@ -110,21 +108,19 @@ def _modules(model: BayesianModel) -> list[nn.Module]:
     return _MODULES[model]
 
 
-# The sentinel is a forward pre-hook stored under a key of its own, not through
-# register_forward_pre_hook: arming and disarming run on every step, and the handle costs
-# ~7 us per module where a dict insertion costs ~0.5 us. Handles count up from 0, so a
-# negative key never collides with one.
+# The sentinel is a forward pre-hook stored under a key of its own (_compat.set_forward_pre_hook),
+# not through register_forward_pre_hook: arming and disarming run on every step.
 _KEY = -0x0FA57B4F
 
 
 def _arm(model: BayesianModel) -> None:
-    if _graph_task_id is None or model in _ARMED:
+    if model in _ARMED:
         return
 
     sentinel = _Sentinel(model)
 
     for module in _modules(model):
-        module._forward_pre_hooks[_KEY] = sentinel
+        _compat.set_forward_pre_hook(module, _KEY, sentinel)
 
     _ARMED.add(model)
 
@@ -143,7 +139,7 @@ def disarm(model: BayesianModel) -> None:
         return
 
     for module in _modules(model):
-        module._forward_pre_hooks.pop(_KEY, None)
+        _compat.set_forward_pre_hook(module, _KEY, None)
 
     _ARMED.discard(model)
 

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from operator import attrgetter, is_
 from torch import Tensor
 
-from . import reference
+from . import _compat, reference
 from ._backend import backend, extension_loaded
 from ._schemas import KERNEL_SUFFIX, SCHEMAS
 
@@ -248,7 +248,7 @@ def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     if flat.dim() == 1 and len(like) > 0:
         if extension_loaded():
             return torch.ops.fastbnf.views_like(flat, list(like))
-        return torch._C._nn.unflatten_dense_tensors(flat, list(like))
+        return _compat.unflatten_dense(flat, like)
     with torch.no_grad():
         return unflatten(flat, like)
 
@@ -287,7 +287,7 @@ def _flatten(grads: Sequence[Tensor], n: int | None) -> Tensor:
         flat = _adjacent(grads)
         if flat is not None:
             return flat
-        return torch._C._nn.flatten_dense_tensors(list(grads))
+        return _compat.flatten_dense(grads)
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
 
 
@@ -300,15 +300,7 @@ def _version_sum(tensors: Sequence[Tensor]) -> int:
     return sum(map(_VERSION, tensors))
 
 
-def _apply(function: type[torch.autograd.Function], *args):
-    r"""``function.apply(*args)`` without its scan of every argument for functorch's dead
-    wrappers: about 1 µs a tensor, a millisecond per call for a group of 1,000 tensors. The
-    arguments here are parameters and this module's own tensors, never such wrappers. Under
-    functorch transforms the usual path runs."""
-
-    if torch._C._are_functorch_transforms_active():
-        return function.apply(*args)
-    return super(torch.autograd.Function, function).apply(*args)
+_apply = _compat.apply_function
 
 
 def _profiled(name: str):
@@ -316,7 +308,7 @@ def _profiled(name: str):
     entering a ``record_function`` costs about 20 µs even with no profiler, several percent
     of a small model's step for each of the step's op calls."""
 
-    if torch._C._autograd._profiler_enabled():
+    if _compat.profiler_enabled():
         return torch.profiler.record_function(name)
     return nullcontext()
 
