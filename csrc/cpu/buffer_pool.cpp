@@ -24,7 +24,7 @@ namespace {
 
 // glibc's default mmap threshold. Below it malloc's bins reuse freed memory in place; above it
 // a freed buffer may go back to the system (munmap, or a trim of the heap's top) and the next
-// one is faulted in again: a 2 MB gradient pair measured 2.8 ms per backward instead of 1.1.
+// one is faulted in again, a page fault and a zeroing per page: as slow as the kernels' work.
 constexpr size_t kPooledBytes = size_t{128} << 10;
 // Buffers of a huge page or more are huge-page aligned, so that the advice below covers them
 // whole; smaller ones are page aligned.
