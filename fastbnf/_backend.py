@@ -92,8 +92,14 @@ def backend(device: torch.device | str = "cpu") -> str:
         The name of the backend, ``"torch"``, ``"cpp"`` or ``"cuda"``.
     """
 
-    device_type = torch.device(device).type
-    forced = os.environ.get("FASTBNF_BACKEND", "")
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _backend_of(device_type, os.environ.get("FASTBNF_BACKEND", ""))
+
+
+@functools.cache
+def _backend_of(device_type: str, forced: str) -> str:
+    r"""The backend of a device type under ``FASTBNF_BACKEND=forced``; cached, since every op
+    call asks (an error is raised, not cached, on every call)."""
 
     if forced == "":
         return _COMPILED[device_type] if has_kernel(device_type) else "torch"

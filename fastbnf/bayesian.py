@@ -128,6 +128,12 @@ class BayesianModel(nn.Module):
         self._active = False
         self._links = None
 
+    def _set(self, name: str, value: Any) -> None:
+        r"""Sets a plain attribute past :meth:`torch.nn.Module.__setattr__`, whose checks for
+        parameters, buffers and modules cost several microseconds: this runs every step."""
+
+        self.__dict__[name] = value
+
     # Groups (and the local trick's plan) are cached while the parameters stay the same objects
     # on the same devices: building them walks every parameter or module, once, not every step.
 
@@ -221,7 +227,7 @@ class BayesianModel(nn.Module):
         # The links of the last kl_divergence(), taken by the first sample after it.
         links = self._links if not (with_kl or skip) else None
         if links is not None:
-            self._links = None
+            self._set("_links", None)
 
         for i, group in enumerate(groups):
             views, kl, _ = ops.sample(
@@ -395,7 +401,7 @@ class BayesianModel(nn.Module):
         if return_kl and skip:
             kl = self._kl(self._get_groups(others), prior_var, prior_mean, kl)
 
-        self._active = True
+        self._set("_active", True)
 
         try:
             with (
@@ -406,7 +412,7 @@ class BayesianModel(nn.Module):
             ):
                 yield (self.base, kl) if return_kl else self.base
         finally:
-            self._active = False
+            self._set("_active", False)
 
     @contextmanager
     def _swapped(self, samples: list[tuple[_Group, list[Tensor]]]) -> Iterator[None]:
@@ -543,7 +549,7 @@ class BayesianModel(nn.Module):
         links = None
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             links = [ops.Link() for _ in groups]
-        self._links = links
+        self._set("_links", links)
 
         return self._kl(groups, prior_var, prior_mean, links=links)
 
