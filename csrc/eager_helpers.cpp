@@ -1,5 +1,5 @@
-// Helpers of the eager path (fastbnf/ops.py) for groups of hundreds of tensors, where a Python
-// loop over the tensors costs more than the kernels.
+// Helpers of the eager path (fastbnf/ops/eager.py) for groups of hundreds of tensors, where a
+// Python loop over the tensors costs more than the kernels.
 //
 // fastbnf::views_like: the per-tensor pieces of a flat buffer, shaped like a list of tensors.
 // The eager ops hand out one piece per parameter tensor three times a step (the samples, the
@@ -72,7 +72,7 @@ std::optional<at::Tensor> adjacent_flat(at::TensorList tensors) {
 }  // namespace fastbnf
 
 // Declared here, not in _schemas.py: helpers of the eager path, whose pure-PyTorch twins are
-// ATen's unflatten_dense_tensors and Python loops in fastbnf/ops.py.
+// ATen's unflatten_dense_tensors and Python loops in fastbnf/ops/eager.py.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("views_like(Tensor flat, Tensor[] like) -> Tensor[]", &fastbnf::views_like);
   m.def("adjacent_flat(Tensor[] tensors) -> Tensor?", &fastbnf::adjacent_flat);

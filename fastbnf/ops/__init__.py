@@ -1,0 +1,135 @@
+r"""The op boundary: the differentiable functions the model calls.
+
+The public ops ``torch.ops.fastbnf.*`` are declared from :mod:`fastbnf._schemas` and implemented
+here: each call runs the compiled kernel op ``fastbnf::<name>_kernel`` or the pure-PyTorch twin
+in :mod:`fastbnf.reference`, as :func:`fastbnf.backend` says for the device at call time.
+
+Two paths lead to them. Under :func:`torch.compile` the functions below call the custom ops
+(:mod:`fastbnf.ops.library`: definitions, fakes and registered autograd), so a training step
+traces without graph breaks. In eager mode they call the :class:`torch.autograd.Function`s of
+:mod:`fastbnf.ops.eager`, which run the same implementation directly. Either way every call
+shows in :mod:`torch.profiler` as ``fastbnf::<name>``. :mod:`fastbnf.ops.dispatch` picks the
+backend of a call; :mod:`fastbnf.ops.link` ties a KL to the next sample of its group.
+"""
+
+__all__ = [
+    "Link",
+    "kl",
+    "sample",
+    "unflatten",
+    "variance",
+]
+
+import torch
+
+from collections.abc import Sequence
+from torch import Tensor
+
+from .eager import _KL, _apply, _Sample, _Variance
+from .library import unflatten
+from .link import Link
+
+# The differentiable functions the model calls.
+
+
+def sample(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    n: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    with_kl: bool = False,
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+    stream: int = 0,
+    split: bool = False,
+    link: Link | None = None,
+) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:
+    r"""Samples a group of parameters from their posterior, and optionally the KL.
+
+    Arguments:
+        means: The posterior means of the group's tensors, on one device. Their dtype is the
+            first one's (float16, bfloat16, float32 or float64); others are converted, and
+            non-contiguous tensors copied.
+        logvars: Their posterior log-variances, alike.
+        n: The number of samples, or :py:`None` for one sample without a leading dim.
+        out_dtype: The dtype of the samples, by default the group's.
+        with_kl: Whether to compute the KL divergence to the prior in the same pass.
+        prior_var: The variance of the prior.
+        prior_vars: Per-tensor prior variances, overriding ``prior_var``.
+        prior_means: Per-tensor prior means (by default zero).
+        stream: An integer folded into the noise's key (the data-parallel rank).
+        split: Whether to return the samples as one view per tensor, shaped like it (with a
+            leading dim of size ``n``), rather than flat.
+        link: The :class:`Link` of a KL of the same tensors, drawn without ``with_kl`` (eager
+            mode only): their backward is then one kernel call.
+
+    Returns:
+        The samples, flat with shape :math:`(N)` or :math:`(n, N)` or split, the KL divergence
+        (zero unless ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
+    """
+
+    options = (n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
+    if link is not None:
+        if with_kl:
+            raise ValueError("sample() takes a link only without with_kl")
+        # Read by the sample, but not its inputs: the KL's node has their edges.
+        linked_tensors = link.take(means, logvars)
+        if not link.token.requires_grad:
+            link = None  # the KL's node would not run in the backward
+
+    if torch.compiler.is_compiling():
+        theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
+        return (unflatten(theta, means) if split else theta), kl, rng_state
+
+    if link is None:
+        *theta, kl, rng_state = _apply(_Sample, options, split, None, None, *means, *logvars)
+    else:
+        *theta, kl, rng_state = _apply(_Sample, options, split, link, linked_tensors, link.token)
+    return (theta if split else theta[0]), kl, rng_state
+
+
+def kl(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+    link: Link | None = None,
+) -> Tensor:
+    r"""Returns the KL divergence between a group's posterior and its prior.
+
+    Arguments:
+        means: The posterior means of the group's tensors.
+        logvars: Their posterior log-variances.
+        prior_var: The variance of the prior.
+        prior_vars: Per-tensor prior variances, overriding ``prior_var``.
+        prior_means: Per-tensor prior means (by default zero).
+        link: A fresh :class:`Link`, to pass to the :func:`sample` of the same tensors that
+            follows (eager mode, with gradients; ignored otherwise).
+
+    Returns:
+        The KL divergence, a 0-dim tensor.
+    """
+
+    options = (prior_var, prior_vars, prior_means)
+
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbnf.kl(list(means), list(logvars), *options)
+    if link is None or not torch.is_grad_enabled():
+        return _apply(_KL, options, None, *means, *logvars)
+    divergence, link.token = _apply(_KL, options, link, *means, *logvars)
+    link.tensors = (*means, *logvars)
+    return divergence
+
+
+def variance(logvars: Sequence[Tensor]) -> Tensor:
+    r"""Returns the flat posterior variances :math:`\exp(\mathrm{softclip}(\log \sigma^2))`.
+
+    Arguments:
+        logvars: The posterior log-variances of a group's tensors.
+    """
+
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbnf.variance(list(logvars))
+    return _apply(_Variance, *logvars)
