@@ -197,13 +197,11 @@ class BayesianModel(nn.Module):
                 f"prior_mean must be 0.0 or 'init' (the base model's weights), got {prior_mean!r}."
             )
 
-    def _prior_args(self, group: _Group, prior_var: Any, prior_mean: Any) -> tuple:
+    def _prior(self, group: _Group, prior_var: Any, prior_mean: Any) -> ops.Prior:
+        means = group.inits if prior_mean == "init" else None
         if isinstance(prior_var, Mapping):
-            var, variances = 1.0, [float(prior_var.get(key, 1.0)) for key in group.keys]
-        else:
-            var, variances = float(prior_var), None
-
-        return var, variances, group.inits if prior_mean == "init" else None
+            return ops.Prior(1.0, [float(prior_var.get(key, 1.0)) for key in group.keys], means)
+        return ops.Prior(float(prior_var), None, means)
 
     def _stream(self) -> int:
         if self.fold_rank and dist.is_available() and dist.is_initialized():
@@ -236,7 +234,7 @@ class BayesianModel(nn.Module):
                 n,
                 self.sample_dtype,
                 with_kl,
-                *self._prior_args(group, prior_var, prior_mean),
+                self._prior(group, prior_var, prior_mean),
                 stream,
                 split=True,
                 link=None if links is None else links[i],
@@ -517,7 +515,7 @@ class BayesianModel(nn.Module):
             kl = ops.kl(
                 group.means,
                 group.logvars,
-                *self._prior_args(group, prior_var, prior_mean),
+                self._prior(group, prior_var, prior_mean),
                 link=None if links is None else links[i],
             )
             total = kl if total is None else total + kl.to(total.device)

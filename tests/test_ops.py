@@ -37,7 +37,7 @@ def closed_form_kl(means, logvars, var=1.0, prior_means=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kl_matches_closed_form(backend, dtype):
     means, logvars = make_group(dtype)
-    kl = ops.kl(means, logvars, prior_var=2.5)
+    kl = ops.kl(means, logvars, ops.Prior(2.5))
 
     assert kl.dtype == dtype
     torch.testing.assert_close(kl.double(), closed_form_kl(means, logvars, 2.5), rtol=1e-6, atol=0)
@@ -49,7 +49,7 @@ def test_sample_gradients_are_exact(backend, dtype, n):
     r"""d/d(mu, logvar) of sum(g * theta) + lam * KL against the closed form, eps from theta."""
 
     means, logvars = make_group(dtype)
-    theta, kl, rng_state = ops.sample(means, logvars, n=n, with_kl=True, prior_var=0.5)
+    theta, kl, rng_state = ops.sample(means, logvars, n=n, with_kl=True, prior=ops.Prior(0.5))
     g = torch.randn_like(theta)
     lam = 0.3
     (g * theta).sum().add(lam * kl).backward()

@@ -14,6 +14,7 @@ backend of a call; :mod:`fastbnf.ops.link` ties a KL to the next sample of its g
 
 __all__ = [
     "Link",
+    "Prior",
     "kl",
     "sample",
     "unflatten",
@@ -28,6 +29,7 @@ from torch import Tensor
 from .eager import _KL, _apply, _Sample, _Variance
 from .library import unflatten
 from .link import Link
+from .prior import STANDARD_NORMAL, Prior
 
 # The differentiable functions the model calls.
 
@@ -38,9 +40,7 @@ def sample(
     n: int | None = None,
     out_dtype: torch.dtype | None = None,
     with_kl: bool = False,
-    prior_var: float = 1.0,
-    prior_vars: Sequence[float] | None = None,
-    prior_means: Sequence[Tensor] | None = None,
+    prior: Prior = STANDARD_NORMAL,
     stream: int = 0,
     split: bool = False,
     link: Link | None = None,
@@ -55,9 +55,7 @@ def sample(
         n: The number of samples, or :py:`None` for one sample without a leading dim.
         out_dtype: The dtype of the samples, by default the group's.
         with_kl: Whether to compute the KL divergence to the prior in the same pass.
-        prior_var: The variance of the prior.
-        prior_vars: Per-tensor prior variances, overriding ``prior_var``.
-        prior_means: Per-tensor prior means (by default zero).
+        prior: The prior of the KL.
         stream: An integer folded into the noise's key (the data-parallel rank).
         split: Whether to return the samples as one view per tensor, shaped like it (with a
             leading dim of size ``n``), rather than flat.
@@ -69,7 +67,7 @@ def sample(
         (zero unless ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
     """
 
-    options = (n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
+    options = (n, out_dtype, with_kl, *prior, stream)
     if link is not None:
         if with_kl:
             raise ValueError("sample() takes a link only without with_kl")
@@ -92,9 +90,7 @@ def sample(
 def kl(
     means: Sequence[Tensor],
     logvars: Sequence[Tensor],
-    prior_var: float = 1.0,
-    prior_vars: Sequence[float] | None = None,
-    prior_means: Sequence[Tensor] | None = None,
+    prior: Prior = STANDARD_NORMAL,
     link: Link | None = None,
 ) -> Tensor:
     r"""Returns the KL divergence between a group's posterior and its prior.
@@ -102,9 +98,7 @@ def kl(
     Arguments:
         means: The posterior means of the group's tensors.
         logvars: Their posterior log-variances.
-        prior_var: The variance of the prior.
-        prior_vars: Per-tensor prior variances, overriding ``prior_var``.
-        prior_means: Per-tensor prior means (by default zero).
+        prior: The prior.
         link: A fresh :class:`Link`, to pass to the :func:`sample` of the same tensors that
             follows (eager mode, with gradients; ignored otherwise).
 
@@ -112,13 +106,11 @@ def kl(
         The KL divergence, a 0-dim tensor.
     """
 
-    options = (prior_var, prior_vars, prior_means)
-
     if torch.compiler.is_compiling():
-        return torch.ops.fastbnf.kl(list(means), list(logvars), *options)
+        return torch.ops.fastbnf.kl(list(means), list(logvars), *prior)
     if link is None or not torch.is_grad_enabled():
-        return _apply(_KL, options, None, *means, *logvars)
-    divergence, link.token = _apply(_KL, options, link, *means, *logvars)
+        return _apply(_KL, prior, None, *means, *logvars)
+    divergence, link.token = _apply(_KL, prior, link, *means, *logvars)
     link.tensors = (*means, *logvars)
     return divergence
 

@@ -14,6 +14,7 @@ from .. import _compat
 from .._backend import extension_loaded
 from .dispatch import _device, _run
 from .library import _variance_grad, unflatten
+from .prior import Prior
 
 # The eager path: the same implementations behind autograd.Functions.
 
@@ -155,7 +156,7 @@ class _Sample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, options, split, link, linked_tensors, *inputs):
-        n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream = options
+        n, out_dtype, with_kl, *prior, stream = options
         tensors = inputs if link is None else linked_tensors
         count = len(tensors) // 2
         means, logvars = tensors[:count], tensors[count:]
@@ -163,7 +164,7 @@ class _Sample(torch.autograd.Function):
         with _profiled("fastbnf::sample"):
             theta, divergence, rng_state = _run("sample", _device(means), means, logvars, *options)
 
-        ctx.options = (with_kl, prior_var, prior_vars, prior_means)
+        ctx.options = (with_kl, Prior(*prior))
         ctx.count = count
         ctx.split = split and count > 0
         ctx.n = n
@@ -199,7 +200,9 @@ class _Sample(torch.autograd.Function):
         return None, None, None, None, *grads
 
 
-def _sample_backward(grad_theta, grad_kl, means, logvars, rng_state, *options) -> list[Tensor]:
+def _sample_backward(
+    grad_theta, grad_kl, means, logvars, rng_state, with_kl: bool, prior: Prior
+) -> list[Tensor]:
     r"""The per-tensor gradients of the means, then of the log-variances, in one call."""
 
     with _profiled("fastbnf::sample_backward"):
@@ -211,21 +214,22 @@ def _sample_backward(grad_theta, grad_kl, means, logvars, rng_state, *options) -
             means,
             logvars,
             rng_state,
-            *options,
+            with_kl,
+            *prior,
         )
     return [*_views(grad_mu, means), *_views(grad_logvar, logvars)]
 
 
 class _KL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, options, link, *tensors):
+    def forward(ctx, prior, link, *tensors):
         count = len(tensors) // 2
         means, logvars = tensors[:count], tensors[count:]
 
         with _profiled("fastbnf::kl"):
-            divergence = _run("kl", _device(means), means, logvars, *options)
+            divergence = _run("kl", _device(means), means, logvars, *prior)
 
-        ctx.options = options
+        ctx.prior = prior
         ctx.count = count
         ctx.link = link
         ctx.kept = _Kept(tensors)
@@ -252,7 +256,7 @@ class _KL(torch.autograd.Function):
             else:
                 grad_kl = grad_theta.new_zeros((), dtype=means[0].dtype)
             grads = _sample_backward(
-                grad_theta, grad_kl, means, logvars, rng_state, with_kl, *ctx.options
+                grad_theta, grad_kl, means, logvars, rng_state, with_kl, ctx.prior
             )
             return None, None, *grads
 
@@ -262,7 +266,7 @@ class _KL(torch.autograd.Function):
         means, logvars = tensors[: ctx.count], tensors[ctx.count :]
         with _profiled("fastbnf::kl_backward"):
             grad_mu, grad_logvar = _run(
-                "kl_backward", _device(means), grad_kl, means, logvars, *ctx.options
+                "kl_backward", _device(means), grad_kl, means, logvars, *ctx.prior
             )
         return None, None, *_views(grad_mu, means), *_views(grad_logvar, logvars)
 
