@@ -22,10 +22,10 @@ def backends() -> list:
     cases = [pytest.param(("torch", "cpu"), id="torch-cpu")]
     if has_kernel("cpu"):
         cases.append(pytest.param(("cpp", "cpu"), id="cpp"))
-    if torch.cuda.is_available():
-        cases.append(pytest.param(("torch", "cuda"), id="torch-cuda"))
+    if torch.cuda.is_available():  # marked cuda: the GPU check runs `pytest -m cuda`
+        cases.append(pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda))
         if has_kernel("cuda"):
-            cases.append(pytest.param(("cuda", "cuda"), id="cuda"))
+            cases.append(pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda))
     return cases
 
 
