@@ -26,7 +26,7 @@ def expected_eps(rng_state, n_samples, numel):
 
 
 class Formulas:
-    r"""The float64 formulas of csrc/README.md for one group and prior."""
+    r"""The float64 formulas of docs/kernels.md for one group and prior."""
 
     def __init__(self, means, logvars, prior_var=1.0, prior_vars=None, prior_means=None):
         self.mu = f64(means)
@@ -59,3 +59,21 @@ class Formulas:
             grad_mu = grad_mu + gk * (self.mu - self.m) / self.pv
             grad_lv = grad_lv + self.slope * gk * 0.5 * (self.lc.exp() / self.pv - 1)
         return grad_mu, grad_lv
+
+    def scales(self, g=None, eps=None, gk=None):
+        r"""The magnitudes of the terms of grad_mu and grad_logvar, ``|G| + |gk d / v|`` and
+        ``slope (|sigma E / 2| + |gk| (var / v + 1) / 2)``: the scale of their rounding errors.
+        g, eps: the samples' gradients and noise (any shape ending in N) or None; gk: the KL's
+        incoming gradient or None."""
+
+        scale_mu, part = torch.zeros_like(self.mu), torch.zeros_like(self.mu)
+        if g is not None:
+            g64 = g.double().cpu().reshape(-1, self.mu.numel())
+            e64 = eps.double().cpu().reshape(-1, self.mu.numel())
+            scale_mu += g64.abs().sum(0)
+            part += self.sigma / 2 * (g64 * e64).abs().sum(0)
+        if gk is not None:
+            gk = abs(float(gk))
+            scale_mu += gk * ((self.mu - self.m) / self.pv).abs()
+            part += gk * (self.lc.exp() / self.pv + 1) / 2
+        return scale_mu, self.slope * part

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from closed_form import Formulas, expected_eps
+from closed_form import Formulas, expected_eps, f64
 from philox_twin import (
     KEY_DOMAIN,
     STREAM_MIX,
@@ -83,10 +83,6 @@ def zeros_like_group(means):
 
 def numel(tensors):
     return sum(t.numel() for t in tensors)
-
-
-def flat64(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors]).double().cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,34 +160,6 @@ def assert_close_in_ulps(got, ref, scale, ulps):
     assert excess.max().item() <= 0, (diff / spacing).max().item()
 
 
-def closed_form_scales(means, logvars, prior, g=None, eps=None, grad_kl=None):
-    r"""The magnitudes of the terms of grad_mu and grad_logvar, in float64: ``|G| + |gk d / v|``
-    and ``slope (|sigma E / 2| + |gk| (var / v + 1) / 2)``, over the samples of ``g``."""
-
-    prior_var, prior_vars, prior_means = prior
-    mu, lv = flat64(means), flat64(logvars)
-    q = (1 + (lv / 18) ** 2).rsqrt()
-    lc, slope = lv * q, q**3
-    sizes = torch.tensor([m.numel() for m in means])
-    ipv = 1 / (
-        torch.full_like(mu, prior_var)
-        if prior_vars is None
-        else torch.tensor(prior_vars, dtype=torch.float64).repeat_interleave(sizes)
-    )
-    d = mu if prior_means is None else mu - flat64(prior_means)
-    scale_mu, part = torch.zeros_like(mu), torch.zeros_like(mu)
-    if g is not None:
-        g64 = g.double().cpu().reshape(-1, mu.numel())
-        e64 = eps.double().cpu().reshape(-1, mu.numel())
-        scale_mu += g64.abs().sum(0)
-        part += (lc / 2).exp() / 2 * (g64 * e64).abs().sum(0)
-    if grad_kl is not None:
-        gk = abs(float(grad_kl))
-        scale_mu += gk * (d * ipv).abs()
-        part += gk * (lc.exp() * ipv + 1) / 2
-    return scale_mu, slope * part
-
-
 # --------------------------------------------------------------------------------------------
 # The noise: the kernels' stream, and the twin's maths given that noise.
 
@@ -260,7 +228,7 @@ def test_sample_equals_the_twin(monkeypatch, device, dtype, n, prior):
     assert theta.shape == ref_theta.shape and theta.dtype == dtype
     assert kl.shape == () and kl.dtype == dtype
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,)
-    mu = flat64(means)
+    mu = f64(means)
     scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
     assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype, composite=True))
     rtol = {torch.float64: 1e-13, torch.float32: 2e-6}.get(dtype, 1e-2)
@@ -278,7 +246,7 @@ def backward_equals_the_twin(
         monkeypatch, eps, reference.sample_backward, g, grad_kl, means, logvars, rng_state,
         with_kl, *args,
     )  # fmt: skip
-    scales = closed_form_scales(means, logvars, args, g, eps, grad_kl if with_kl else None)
+    scales = Formulas(means, logvars, *args).scales(g, eps, grad_kl if with_kl else None)
     for got, ref, scale in zip(out, expected, scales):
         assert got.dtype == dtype and got.shape == (numel(means),)
         assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
@@ -313,7 +281,7 @@ def test_kl_and_its_backward_equal_the_twin(device, dtype, prior):
     grad_kl = torch.tensor(1.3, device=device, dtype=dtype)
     out = K.kl_backward_kernel(grad_kl, means, logvars, *args)
     expected = reference.kl_backward(grad_kl, means, logvars, *args)
-    scales = closed_form_scales(means, logvars, args, grad_kl=grad_kl)
+    scales = Formulas(means, logvars, *args).scales(gk=grad_kl)
     for got, ref, scale in zip(out, expected, scales):
         assert got.dtype == dtype
         assert_close_in_ulps(got, ref, scale, tolerance_ulp(device, dtype, composite=True))
@@ -346,7 +314,7 @@ def test_many_odd_tensors_against_the_twin(monkeypatch, device, dtype):
     ref_theta, ref_kl, _ = run_reference(
         monkeypatch, eps, reference.sample, means, logvars, 3, None, True, *args, 0
     )
-    mu = flat64(means)
+    mu = f64(means)
     scale = mu.abs() + (ref_theta.double().cpu() - mu).abs()
     assert_close_in_ulps(theta, ref_theta, scale, tolerance_ulp(device, dtype, composite=True))
     torch.testing.assert_close(
