@@ -82,17 +82,14 @@ std::string build(const Parts&... parts) {
 }  // namespace message
 }  // namespace fastbnf
 
-// Raise ValueError / TypeError with a message of parts, when cond fails.
-#define FASTBNF_CHECK_VALUE(cond, ...)                                     \
-  do {                                                                     \
-    if (C10_UNLIKELY(!(cond))) {                                           \
-      C10_THROW_ERROR(ValueError, ::fastbnf::message::build(__VA_ARGS__)); \
-    }                                                                      \
+// Raise a c10 error of the given type (ValueError, TypeError: the Python exception) with a
+// message of parts, when cond fails.
+#define FASTBNF_CHECK(error, cond, ...)                               \
+  do {                                                                \
+    if (C10_UNLIKELY(!(cond))) {                                      \
+      C10_THROW_ERROR(error, ::fastbnf::message::build(__VA_ARGS__)); \
+    }                                                                 \
   } while (false)
 
-#define FASTBNF_CHECK_TYPE(cond, ...)                                     \
-  do {                                                                    \
-    if (C10_UNLIKELY(!(cond))) {                                          \
-      C10_THROW_ERROR(TypeError, ::fastbnf::message::build(__VA_ARGS__)); \
-    }                                                                     \
-  } while (false)
+#define FASTBNF_CHECK_VALUE(cond, ...) FASTBNF_CHECK(ValueError, cond, __VA_ARGS__)
+#define FASTBNF_CHECK_TYPE(cond, ...) FASTBNF_CHECK(TypeError, cond, __VA_ARGS__)
