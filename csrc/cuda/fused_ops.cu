@@ -134,25 +134,36 @@ __device__ __forceinline__ void load4(const double* p, S out[4]) {
   out[2] = static_cast<S>(b.x);
   out[3] = static_cast<S>(b.y);
 }
-template <typename S>
-__device__ __forceinline__ void load4(const __half* p, S out[4]) {
+// The pair types of the 16-bit floats and their conversions to and from float2.
+template <typename T>
+struct Pair16;
+template <>
+struct Pair16<__half> {
+  using type = __half2;
+  __device__ __forceinline__ static float2 widen(__half2 v) { return __half22float2(v); }
+  __device__ __forceinline__ static __half2 make(__half a, __half b) {
+    return __halves2half2(a, b);
+  }
+};
+template <>
+struct Pair16<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  __device__ __forceinline__ static float2 widen(__nv_bfloat162 v) {
+    return __bfloat1622float2(v);
+  }
+  __device__ __forceinline__ static __nv_bfloat162 make(__nv_bfloat16 a, __nv_bfloat16 b) {
+    return __halves2bfloat162(a, b);
+  }
+};
+
+// Four 16-bit floats: one 8-byte load, two pairs.
+template <typename S, typename T, typename Pair = Pair16<T>>
+__device__ __forceinline__ void load4(const T* p, S out[4]) {
   const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-  __half2 lo, hi;
+  typename Pair::type lo, hi;
   memcpy(&lo, &v.x, 4);
   memcpy(&hi, &v.y, 4);
-  const float2 a = __half22float2(lo), b = __half22float2(hi);
-  out[0] = a.x;
-  out[1] = a.y;
-  out[2] = b.x;
-  out[3] = b.y;
-}
-template <typename S>
-__device__ __forceinline__ void load4(const __nv_bfloat16* p, S out[4]) {
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-  __nv_bfloat162 lo, hi;
-  memcpy(&lo, &v.x, 4);
-  memcpy(&hi, &v.y, 4);
-  const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+  const float2 a = Pair::widen(lo), b = Pair::widen(hi);
   out[0] = a.x;
   out[1] = a.y;
   out[2] = b.x;
@@ -170,21 +181,11 @@ __device__ __forceinline__ void store4(double* p, const S in[4]) {
   reinterpret_cast<double2*>(p)[0] = make_double2(in[0], in[1]);
   reinterpret_cast<double2*>(p)[1] = make_double2(in[2], in[3]);
 }
-template <typename S>
-__device__ __forceinline__ void store4(__half* p, const S in[4]) {
-  const __half2 lo = __halves2half2(Narrow<__half>::from(in[0]), Narrow<__half>::from(in[1]));
-  const __half2 hi = __halves2half2(Narrow<__half>::from(in[2]), Narrow<__half>::from(in[3]));
-  uint2 v;
-  memcpy(&v.x, &lo, 4);
-  memcpy(&v.y, &hi, 4);
-  *reinterpret_cast<uint2*>(p) = v;
-}
-template <typename S>
-__device__ __forceinline__ void store4(__nv_bfloat16* p, const S in[4]) {
-  const __nv_bfloat162 lo =
-      __halves2bfloat162(Narrow<__nv_bfloat16>::from(in[0]), Narrow<__nv_bfloat16>::from(in[1]));
-  const __nv_bfloat162 hi =
-      __halves2bfloat162(Narrow<__nv_bfloat16>::from(in[2]), Narrow<__nv_bfloat16>::from(in[3]));
+// Four 16-bit floats, each rounded once: two pairs, one 8-byte store.
+template <typename S, typename T, typename Pair = Pair16<T>>
+__device__ __forceinline__ void store4(T* p, const S in[4]) {
+  const auto lo = Pair::make(Narrow<T>::from(in[0]), Narrow<T>::from(in[1]));
+  const auto hi = Pair::make(Narrow<T>::from(in[2]), Narrow<T>::from(in[3]));
   uint2 v;
   memcpy(&v.x, &lo, 4);
   memcpy(&v.y, &hi, 4);
