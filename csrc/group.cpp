@@ -10,11 +10,6 @@
 namespace fastbnf {
 namespace {
 
-bool is_posterior_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-         dtype == at::kBFloat16;
-}
-
 constexpr const char* kFloating = "a floating dtype (float16, bfloat16, float32 or float64)";
 
 void check_prior_var(const char* op, const char* what, int64_t index, double value) {
@@ -40,6 +35,11 @@ const void* readable(const char* op, const char* list, size_t t, const at::Tenso
 }
 
 }  // namespace
+
+bool is_posterior_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
 
 Group make_group(const char* op, std::optional<at::TensorList> means, at::TensorList logvars,
                  const PriorArgs* prior) {

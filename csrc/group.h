@@ -43,6 +43,9 @@ struct Group {
   std::vector<at::Tensor> copies;    // the converted or contiguous copies the entries read
 };
 
+// Whether a dtype is one of the contract's floating dtypes (float16, bfloat16, float32, float64).
+bool is_posterior_dtype(at::ScalarType dtype);
+
 // Checks a group and builds its table. op is the public op's name ("fastbnf::sample"); means
 // is absent for the ops that read none (variance), prior for those that use no prior.
 Group make_group(const char* op, std::optional<at::TensorList> means, at::TensorList logvars,

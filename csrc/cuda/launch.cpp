@@ -38,10 +38,6 @@ DType to_dtype(at::ScalarType type) {
   }
 }
 
-bool is_float_dtype(at::ScalarType type) {
-  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
-}
-
 void check_cuda(const char* op, const Group& group) {
   FASTBNF_CHECK_VALUE(group.device.is_cuda(), op, ": the group is on ", group.device,
                       ", expected a CUDA device");
@@ -297,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const char* op, const Group& gr
   at::Tensor grad_kl_value;
   if (with_kl) {
     // One element of any dtype: the kernel reads the four floating ones as they are.
-    grad_kl_value = is_float_dtype(grad_kl.scalar_type()) ? grad_kl : grad_kl.to(at::kFloat);
+    grad_kl_value = is_posterior_dtype(grad_kl.scalar_type()) ? grad_kl : grad_kl.to(at::kFloat);
     args.grad_kl = grad_kl_value.data_ptr();
     args.grad_kl_dtype = to_dtype(grad_kl_value.scalar_type());
   }
