@@ -99,7 +99,7 @@ def _chunks(tensors: Sequence[Tensor]) -> list[tuple[slice, slice]]:
     return chunks
 
 
-class _Prior:
+class _ChunkPrior:
     r"""The prior of a chunk: per element (or scalar) ``1 / v``, ``log(v) - 1`` and mean,
     rounded once from float64 to the arithmetic's dtype, as the kernels round them."""
 
@@ -153,7 +153,7 @@ def _noise(generator: torch.Generator, shape, dtype: torch.dtype, device) -> Ten
     return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
-def _kl_sum(mu: Tensor, lc: Tensor, prior: _Prior) -> Tensor:
+def _kl_sum(mu: Tensor, lc: Tensor, prior: _ChunkPrior) -> Tensor:
     r"""The KL of flat means and softclipped log-variances ``lc`` (left unchanged), in fp64."""
 
     d = prior.offset(mu)
@@ -199,7 +199,7 @@ def sample(
         eps = _noise(generator, (*shape[:-1], mu.numel()), dtype, device)
         theta[..., elements] = eps.mul_(lc.mul(0.5).exp_()).add_(mu)
         if with_kl:
-            prior = _Prior(group, tensors, prior_var, prior_vars, dtype)
+            prior = _ChunkPrior(group, tensors, prior_var, prior_vars, dtype)
             total += _kl_sum(mu, lc, prior)
 
     return theta, total.to(group.dtype), rng_state
@@ -273,7 +273,7 @@ def _backward(
 
         if grad_kl is not None:
             mu = _flat(group.means[tensors], dtype)
-            prior = _Prior(group, tensors, prior_var, prior_vars, dtype)
+            prior = _ChunkPrior(group, tensors, prior_var, prior_vars, dtype)
             kl_mu = prior.offset(mu).mul_(prior.inv_var).mul_(grad_kl)
             g_sum = kl_mu if g_sum is None else kl_mu.add_(g_sum)
             kl_part = lc.exp().mul_(prior.inv_var).sub_(1).mul_(0.5).mul_(grad_kl)
@@ -302,7 +302,7 @@ def kl(
     for tensors, _ in _chunks(group.logvars):
         mu = _flat(group.means[tensors], dtype)
         lc = softclip(_flat(group.logvars[tensors], dtype))
-        total += _kl_sum(mu, lc, _Prior(group, tensors, prior_var, prior_vars, dtype))
+        total += _kl_sum(mu, lc, _ChunkPrior(group, tensors, prior_var, prior_vars, dtype))
 
     return total.to(group.dtype)
 
