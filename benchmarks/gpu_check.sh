@@ -77,7 +77,8 @@ if [[ -d benchmarks ]] && ls benchmarks/*.py >/dev/null 2>&1 && "$py" -c "import
   # The cases the GPU record needs (the whole GPU sweep, 1B parameters included, takes far
   # longer); BENCH_K picks others. SIGINT at the limit still writes the JSON of what ran.
   # size-1e+08 holds the seed-style step of fastbnf against zuko's at 100M parameters.
-  bench_k=${BENCH_K:-"cuda and (copy_bandwidth or (step and (tutorial-mlp or tensors-500x1000 or size-1e+08)))"}
+  # test_captured: the same steps captured in a CUDA graph (bench_graph.py).
+  bench_k=${BENCH_K:-"(cuda and (copy_bandwidth or (step and (tutorial-mlp or tensors-500x1000 or size-1e+08)))) or test_captured"}
   timeout -s INT 100 "$py" -m pytest benchmarks -k "$bench_k" -q -p no:cacheprovider \
     --benchmark-json="$bench_json" >"$out/benchmarks-cuda.txt" 2>&1
   bench_rc=$?
@@ -205,12 +206,15 @@ if os.path.exists(bench) and os.path.getsize(bench) > 0:
     data = json.load(open(bench))
     rows = data.get("benchmarks", [])
     if rows:
-        lines += ["| benchmark | mean (ms) | stddev (ms) | rounds |", "| --- | --- | --- | --- |"]
+        lines += [
+            "| benchmark | median (ms) | mean (ms) | stddev (ms) | rounds |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for row in rows:
             s = row["stats"]
             lines.append(
-                f"| {row['fullname']} | {1e3 * s['mean']:.3f} | {1e3 * s['stddev']:.3f} "
-                f"| {s['rounds']} |"
+                f"| {row['fullname']} | {1e3 * s['median']:.3f} | {1e3 * s['mean']:.3f} "
+                f"| {1e3 * s['stddev']:.3f} | {s['rounds']} |"
             )
     else:
         lines.append("no benchmark collected.")

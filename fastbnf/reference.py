@@ -57,7 +57,10 @@ def _softclip_scale(x: Tensor) -> Tensor:
 
     # In place after the first op: group-sized temporaries are fresh pages, which cost more
     # than the arithmetic. The order of the operations (and so the rounding) is the header's.
-    return (x / SOFTCLIP_BOUND).square_().add_(1).rsqrt_()
+    # The bound is a tensor on x's device: PyTorch's CUDA division by a Python number multiplies
+    # by its rounded reciprocal, one ulp away from the header's division.
+    bound = torch.full((), SOFTCLIP_BOUND, dtype=x.dtype, device=x.device)
+    return (x / bound).square_().add_(1).rsqrt_()
 
 
 def softclip(x: Tensor) -> Tensor:
