@@ -20,10 +20,10 @@
 #include <typeinfo>
 #include <vector>
 
+#include "eager_helpers.h"
 #include "message.h"
 
 namespace fastbnf {
-namespace {
 
 std::vector<at::Tensor> views_like(const at::Tensor& flat, at::TensorList like) {
   FASTBNF_CHECK_VALUE(flat.dim() == 1 && flat.is_contiguous(),
@@ -68,7 +68,6 @@ std::optional<at::Tensor> adjacent_flat(at::TensorList tensors) {
   return first.as_strided({numel}, {1});
 }
 
-}  // namespace
 }  // namespace fastbnf
 
 // Declared here, not in _schemas.py: helpers of the eager path, whose pure-PyTorch twins are

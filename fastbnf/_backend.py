@@ -4,7 +4,7 @@ The extension ``fastbnf._C`` is loaded lazily, on the first op call. A missing o
 extension gives one warning and the pure-PyTorch backend, never an import error.
 """
 
-__all__ = ["backend", "extension_loaded", "has_kernel", "load_extension"]
+__all__ = ["backend", "extension_loaded", "has_kernel", "load_extension", "native_module"]
 
 import functools
 import importlib
@@ -18,6 +18,9 @@ from ._schemas import KERNEL_SUFFIX, OP_NAMES
 BACKENDS = ("torch", "cpp", "cuda")
 _COMPILED = {"cpu": "cpp", "cuda": "cuda"}
 
+# The loaded extension module (fastbnf._C, or the JIT build's), set by load_extension.
+_module = None
+
 
 @functools.cache
 def load_extension() -> bool:
@@ -30,8 +33,10 @@ def load_extension() -> bool:
     # The kernel ops must be declared before the extension registers implementations of them.
     from . import ops  # noqa: F401
 
+    global _module
+
     try:
-        importlib.import_module("fastbnf._C")
+        _module = importlib.import_module("fastbnf._C")
         return True
     except Exception as error:
         reason = error
@@ -40,7 +45,7 @@ def load_extension() -> bool:
         try:
             from ._build import jit_load
 
-            jit_load()
+            _module = jit_load()
             return True
         except Exception as error:
             reason = error
@@ -58,6 +63,13 @@ def extension_loaded() -> bool:
     r"""Tells whether ``fastbnf._C`` is loaded, without loading it."""
 
     return load_extension.cache_info().currsize > 0 and load_extension()
+
+
+def native_module():
+    r"""The loaded extension module, whose functions are the eager path's C++ autograd nodes
+    (``csrc/eager_nodes.h``), or :py:`None` when it is not loaded."""
+
+    return _module if extension_loaded() else None
 
 
 @functools.cache

@@ -57,7 +57,8 @@ def extension_kwargs(cuda: bool | None = None) -> dict:
     r"""Returns the sources and flags of the extension, for CppExtension or CUDAExtension."""
 
     cuda = with_cuda() if cuda is None else cuda
-    sources = [str(CSRC / name) for name in ("module.cpp", "eager_helpers.cpp", "group.cpp")]
+    shared = ("module.cpp", "eager_helpers.cpp", "eager_nodes.cpp", "group.cpp")
+    sources = [str(CSRC / name) for name in shared]
     sources += cpu_sources()
     include_dirs = [str(CSRC)]
     library_dirs = []
@@ -78,15 +79,16 @@ def extension_kwargs(cuda: bool | None = None) -> dict:
     }
 
 
-def jit_load() -> None:
-    r"""Builds and loads the extension with :func:`torch.utils.cpp_extension.load`."""
+def jit_load():
+    r"""Builds and loads the extension with :func:`torch.utils.cpp_extension.load`, and returns
+    its module."""
 
     from torch.utils.cpp_extension import load
 
     cuda = with_cuda()
     kwargs = extension_kwargs(cuda)
 
-    load(
+    return load(
         name="fastbnf_C",
         sources=kwargs["sources"],
         extra_include_paths=kwargs["include_dirs"],
@@ -94,5 +96,5 @@ def jit_load() -> None:
         extra_cuda_cflags=kwargs["extra_compile_args"].get("nvcc"),
         extra_ldflags=[f"-L{d}" for d in kwargs["library_dirs"]],
         with_cuda=cuda,
-        is_python_module=False,
+        is_python_module=True,
     )

@@ -68,6 +68,13 @@ def apply_function(function: type[torch.autograd.Function], *args) -> Any:
     return _function_apply.__get__(None, function)(*args)
 
 
+def functorch_active() -> bool:
+    r"""Whether a functorch transform (vmap, grad, ...) is active (where this PyTorch cannot
+    tell: :py:`True`, so that the path that supports them is taken)."""
+
+    return True if _transforms_active is None else _transforms_active()
+
+
 def profiler_enabled() -> bool:
     r"""Whether a :mod:`torch.profiler` runs (where this PyTorch cannot tell: :py:`True`, so
     that profiler ranges are always entered)."""

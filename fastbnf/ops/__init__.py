@@ -26,6 +26,7 @@ import torch
 from collections.abc import Sequence
 from torch import Tensor
 
+from . import native
 from .eager import _KL, _apply, _Sample, _Variance
 from .library import unflatten
 from .link import Link
@@ -80,6 +81,17 @@ def sample(
         theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
         return (unflatten(theta, means) if split else theta), kl, rng_state
 
+    # One sample at a time; the C++ nodes take a link only from a KL of theirs.
+    module = native.usable(means) if n is None else None
+    if module is not None and (link is None or link.native):
+        token = None if link is None else link.token
+        *theta, kl, rng_state = native.sample(
+            module, means, logvars, out_dtype, with_kl, prior, stream, split, token
+        )
+        return (theta if split else theta[0]), kl, rng_state
+    if link is not None and link.native:
+        raise ValueError("the Link comes from a KL of the compiled backend, not this sample's")
+
     if link is None:
         *theta, kl, rng_state = _apply(_Sample, options, split, None, None, *means, *logvars)
     else:
@@ -108,11 +120,19 @@ def kl(
 
     if torch.compiler.is_compiling():
         return torch.ops.fastbnf.kl(list(means), list(logvars), *prior)
-    if link is None or not torch.is_grad_enabled():
+    linked = link is not None and torch.is_grad_enabled()
+    module = native.usable(means)
+    if module is not None:
+        outputs = native.kl(module, means, logvars, prior, linked)
+    elif linked:
+        outputs = _apply(_KL, prior, link, *means, *logvars)
+    else:
         return _apply(_KL, prior, None, *means, *logvars)
-    divergence, link.token = _apply(_KL, prior, link, *means, *logvars)
-    link.tensors = (*means, *logvars)
-    return divergence
+    if linked:
+        link.token = outputs[1]
+        link.tensors = (*means, *logvars)
+        link.native = module is not None
+    return outputs[0]
 
 
 def variance(logvars: Sequence[Tensor]) -> Tensor:

@@ -16,13 +16,16 @@ class Link:
     one gradient, from one node.
     """
 
-    __slots__ = ("tensors", "token", "stash", "taken")
+    __slots__ = ("tensors", "token", "stash", "taken", "native")
 
     def __init__(self) -> None:
         self.tensors: tuple[Tensor, ...] = ()
         self.token: Tensor | None = None
         self.stash: tuple | None = None
         self.taken = False
+        # Whether the token comes from the C++ nodes (fastbnf.ops.native), whose KL's node
+        # holds the stash itself.
+        self.native = False
 
     def take(self, means: Sequence[Tensor], logvars: Sequence[Tensor]) -> tuple[Tensor, ...]:
         r"""Checks that a sample of these tensors may take the link, marks it taken, and

@@ -1,0 +1,61 @@
+r"""The eager path with compiled kernels: C++ autograd nodes (``csrc/eager_nodes.h``).
+
+One call per group and direction, and no Python in the backward: a small model's step is bound
+by host time, and the :class:`torch.autograd.Function`\ s of :mod:`fastbnf.ops.eager` cost about
+twice as much per call. They remain the path of the pure-PyTorch backend, of functorch
+transforms and of several samples at once; both compute the same.
+"""
+
+import torch
+
+from collections.abc import Sequence
+from torch import Tensor
+
+from .. import _compat
+from .._backend import backend, native_module
+from .prior import Prior
+
+
+def usable(tensors: Sequence[Tensor]):
+    r"""The extension module when the C++ nodes can run a group of these tensors (a compiled
+    backend for their device, no functorch transform), else :py:`None`."""
+
+    module = native_module()
+    if module is None or len(tensors) == 0 or _compat.functorch_active():
+        return None
+    if backend(tensors[0].device) == "torch":
+        return None
+    return module
+
+
+def _prior_args(prior: Prior) -> tuple:
+    var, variances, means = prior
+    return (
+        float(var),
+        None if variances is None else [float(v) for v in variances],
+        None if means is None else list(means),
+    )
+
+
+def kl(module, means: Sequence[Tensor], logvars: Sequence[Tensor], prior: Prior, linked: bool):
+    r"""``[kl]``, or ``[kl, token]`` when ``linked`` (see :class:`fastbnf.ops.Link`)."""
+
+    return module.eager_kl(list(means), list(logvars), *_prior_args(prior), linked)
+
+
+def sample(
+    module,
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    out_dtype: torch.dtype | None,
+    with_kl: bool,
+    prior: Prior,
+    stream: int,
+    split: bool,
+    token: Tensor | None,
+) -> list[Tensor]:
+    r"""``[theta, kl, rng_state]``, or ``[pieces..., kl, rng_state]`` when ``split``."""
+
+    return module.eager_sample(
+        list(means), list(logvars), out_dtype, with_kl, *_prior_args(prior), stream, split, token
+    )
