@@ -69,7 +69,7 @@ def native_module():
     r"""The loaded extension module, whose functions are the eager path's C++ autograd nodes
     (``csrc/eager_nodes.h``), or :py:`None` when it is not loaded."""
 
-    return _module if extension_loaded() else None
+    return _module
 
 
 @functools.cache

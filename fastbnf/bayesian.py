@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from numbers import Real
@@ -44,6 +44,21 @@ def _check_finite(value: Any, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{argument} must be a finite number, got {value!r}.")
     return float(value)
+
+
+def _swap_in(samples: list[tuple[_Group, list[Tensor]]]) -> list[tuple[nn.Module, str, Tensor]]:
+    r"""Puts the samples where the base model's selected parameters are; returns those."""
+
+    return [
+        (module, attribute, swap_parameter(module, attribute, views[i]))
+        for group, views in samples
+        for module, attribute, i in group.places
+    ]
+
+
+def _swap_out(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
+    for module, attribute, original in reversed(originals):
+        swap_parameter(module, attribute, original)
 
 
 class BayesianModel(nn.Module):
@@ -181,6 +196,14 @@ class BayesianModel(nn.Module):
     # Prior arguments, validated before anything runs.
 
     def _check_prior(self, prior_var: Any, prior_mean: Any) -> None:
+        if (
+            prior_var.__class__ is float
+            and 0.0 < prior_var < math.inf
+            and prior_mean.__class__ is float
+            and prior_mean == 0.0
+        ):
+            return  # the common case, valid, known without the ABC checks below (every step)
+
         if isinstance(prior_var, Mapping):
             for key, value in prior_var.items():
                 if key not in self.means:
@@ -198,6 +221,8 @@ class BayesianModel(nn.Module):
             )
 
     def _prior(self, group: _Group, prior_var: Any, prior_mean: Any) -> ops.Prior:
+        if prior_var.__class__ is float and prior_var == 1.0 and prior_mean.__class__ is float:
+            return ops.STANDARD_NORMAL  # prior_mean is 0 (checked)
         means = group.inits if prior_mean == "init" else None
         if isinstance(prior_var, Mapping):
             return ops.Prior(1.0, [float(prior_var.get(key, 1.0)) for key in group.keys], means)
@@ -400,31 +425,28 @@ class BayesianModel(nn.Module):
             kl = self._kl(self._get_groups(others), prior_var, prior_mean, kl)
 
         self._set("_active", True)
+        originals = _swap_in(samples)
 
+        # Straight-line code rather than nested context managers: this runs every step.
         try:
-            with (
-                self._swapped(samples),
-                self._trick(layers, others) as forwards,
+            with self._trick(layers, others) if layers else nullcontext({}) as forwards:
                 # Lets activation checkpointing reinstall the samples for a recomputation.
-                checkpointing.installed(self, samples, forwards),
-            ):
-                yield (self.base, kl) if return_kl else self.base
+                state = checkpointing.install(self, samples, forwards)
+                try:
+                    yield (self.base, kl) if return_kl else self.base
+                finally:
+                    checkpointing.uninstall(self, state)
         finally:
+            _swap_out(originals)
             self._set("_active", False)
 
     @contextmanager
     def _swapped(self, samples: list[tuple[_Group, list[Tensor]]]) -> Iterator[None]:
-        originals = []
-
-        for group, views in samples:
-            for module, attribute, i in group.places:
-                originals.append((module, attribute, swap_parameter(module, attribute, views[i])))
-
+        originals = _swap_in(samples)
         try:
             yield
         finally:
-            for module, attribute, original in reversed(originals):
-                swap_parameter(module, attribute, original)
+            _swap_out(originals)
 
     # The local reparameterization trick.
 

@@ -20,7 +20,7 @@ checkpoint the bare base model between contexts).
 
 from __future__ import annotations
 
-__all__ = ["checkpoint", "context_fn", "disarm", "installed"]
+__all__ = ["checkpoint", "context_fn", "disarm", "install", "uninstall"]
 
 import torch
 import torch.nn as nn
@@ -144,37 +144,41 @@ def disarm(model: BayesianModel) -> None:
     _ARMED.discard(model)
 
 
-@contextmanager
-def installed(model: BayesianModel, samples: list, forwards: dict) -> Iterator[None]:
-    r"""Records a reparameterization for the duration of its context.
-
-    Checkpoints taken inside the context capture it; when the context closes with autograd
-    on, the model's sentinels are armed.
+def install(model: BayesianModel, samples: list, forwards: dict) -> _State | None:
+    r"""Records a reparameterization until :func:`uninstall`: checkpoints taken meanwhile
+    capture it. (Two calls rather than a context manager: this runs every step.)
 
     Arguments:
         model: The Bayesian model.
         samples: Its ``(group, views)`` pairs as swapped into the base model.
         forwards: The local trick's patched forwards, by module.
+
+    Returns:
+        The record, for :func:`uninstall`.
     """
 
     if torch.compiler.is_compiling():
         # A compiled step: its graph holds the samples, and torch.compile recomputes
         # checkpointed regions from the graph, so there is nothing to reinstall. (Dynamo cannot
         # trace the bookkeeping below either: it writes to modules' hook dicts.)
-        yield
-        return
+        return None
 
     disarm(model)
     state = _State(model, samples, forwards)
     _ACTIVE.append(state)
+    return state
 
-    try:
-        yield
-    finally:
-        _ACTIVE.remove(state)
 
-        if torch.is_grad_enabled():
-            _arm(model)
+def uninstall(model: BayesianModel, state: _State | None) -> None:
+    r"""Ends the record of :func:`install`; with autograd on, arms the model's sentinels."""
+
+    if state is None:
+        return
+
+    _ACTIVE.remove(state)
+
+    if torch.is_grad_enabled():
+        _arm(model)
 
 
 def _release(model: BayesianModel) -> None:

@@ -68,7 +68,6 @@ def sample(
         (zero unless ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
     """
 
-    options = (n, out_dtype, with_kl, *prior, stream)
     if link is not None:
         if with_kl:
             raise ValueError("sample() takes a link only without with_kl")
@@ -77,6 +76,7 @@ def sample(
         if not link.token.requires_grad:
             link = None  # the KL's node would not run in the backward
 
+    options = (n, out_dtype, with_kl, *prior, stream)
     if torch.compiler.is_compiling():
         theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
         return (unflatten(theta, means) if split else theta), kl, rng_state

@@ -13,22 +13,25 @@ from torch import Tensor
 
 from .. import _compat
 from .._backend import backend, native_module
-from .prior import Prior
+from .prior import STANDARD_NORMAL, Prior
 
 
 def usable(tensors: Sequence[Tensor]):
     r"""The extension module when the C++ nodes can run a group of these tensors (a compiled
     backend for their device, no functorch transform), else :py:`None`."""
 
-    module = native_module()
-    if module is None or len(tensors) == 0 or _compat.functorch_active():
+    if len(tensors) == 0 or _compat.functorch_active():
         return None
-    if backend(tensors[0].device) == "torch":
-        return None
-    return module
+    # A compiled backend means a loaded extension.
+    return None if backend(tensors[0].device) == "torch" else native_module()
+
+
+_STANDARD_ARGS = (1.0, None, None)
 
 
 def _prior_args(prior: Prior) -> tuple:
+    if prior is STANDARD_NORMAL:
+        return _STANDARD_ARGS
     var, variances, means = prior
     return (
         float(var),
