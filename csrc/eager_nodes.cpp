@@ -229,7 +229,7 @@ struct SampleBackward : Node {
 
     if (linked != nullptr) {
       linked->stash = Stash{grad_theta, rng_state, version};
-      return {at::zeros({}, kept->means[0].options())};
+      return {at::empty({0}, kept->means[0].options())};  // the token's: empty, no launch
     }
 
     at::Tensor grad_kl = grads[numels.size()];
@@ -252,8 +252,9 @@ std::vector<at::Tensor> kl(const std::vector<at::Tensor>& means,
   RECORD_FUNCTION("fastbnf::kl", std::vector<c10::IValue>());
   at::Tensor divergence = kl_kernel(means, logvars, prior);
 
+  // The token holds nothing (no allocation, no fill launched on a GPU): only its node matters.
   if (!torch::autograd::compute_requires_grad(at::TensorList(means), at::TensorList(logvars))) {
-    if (linked) return {divergence, at::zeros({}, divergence.options())};
+    if (linked) return {divergence, at::empty({0}, divergence.options())};
     return {divergence};
   }
 
@@ -265,7 +266,7 @@ std::vector<at::Tensor> kl(const std::vector<at::Tensor>& means,
 
   torch::autograd::set_history(divergence, node);
   if (!linked) return {divergence};
-  at::Tensor token = at::zeros({}, divergence.options());
+  at::Tensor token = at::empty({0}, divergence.options());
   torch::autograd::set_history(token, node);
   return {divergence, token};
 }
