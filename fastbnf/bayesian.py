@@ -142,6 +142,10 @@ class BayesianModel(nn.Module):
         self._trick_cache = None
         self._active = False
         self._links = None
+        # Built now (and again wherever they are invalidated) rather than inside the trace of a
+        # compiled step, whose guard on the empty cache would fail on the next call: a
+        # recompile.
+        self._get_groups()
 
     def _set(self, name: str, value: Any) -> None:
         r"""Sets a plain attribute past :meth:`torch.nn.Module.__setattr__`, whose checks for
@@ -159,7 +163,9 @@ class BayesianModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._invalidate()
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        self._get_groups()
+        return result
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -168,6 +174,10 @@ class BayesianModel(nn.Module):
         state["_active"] = False
         state["_links"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._get_groups()
 
     def _get_groups(self, skip: frozenset[str] = frozenset()) -> list[_Group]:
         if skip in self._groups:
@@ -610,6 +620,7 @@ class BayesianModel(nn.Module):
 
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._invalidate()
+        self._get_groups()
         return result
 
     def __getattr__(self, name: str) -> Any:

@@ -7,6 +7,8 @@ from zuko.nn import MLP
 
 import fastbnf
 
+from fastbnf._backend import has_kernel
+
 
 @pytest.mark.parametrize("style", ["seed", "fused"])
 def test_compiled_step_is_one_graph_with_the_eager_results(backend, style):
@@ -14,9 +16,23 @@ def test_compiled_step_is_one_graph_with_the_eager_results(backend, style):
     (``return_kl=True``) compile with ``fullgraph=True``, which fails on any graph break, and
     give the eager loss and gradients for the same seed."""
 
+    check_compiled_step(style, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("cuda")), reason="no CUDA GPU and kernel"
+)
+@pytest.mark.parametrize("style", ["seed", "fused"])
+def test_compiled_step_on_cuda(style):
+    check_compiled_step(style, "cuda")
+
+
+def check_compiled_step(style, device):
     torch.manual_seed(0)
-    bm = fastbnf.BayesianModel(MLP(5, 5, hidden_features=(16, 16)), init_logvar=-3.0)
-    x, y = torch.randn(8, 5), torch.randn(8, 5)
+    base = MLP(5, 5, hidden_features=(16, 16)).to(device)
+    bm = fastbnf.BayesianModel(base, init_logvar=-3.0)
+    x, y = torch.randn(8, 5, device=device), torch.randn(8, 5, device=device)
 
     def step(x, y):
         if style == "seed":
@@ -30,7 +46,7 @@ def test_compiled_step_is_one_graph_with_the_eager_results(backend, style):
 
     def run(fn):
         bm.zero_grad()
-        torch.manual_seed(1)
+        torch.manual_seed(1)  # seeds the CUDA generators too
         loss = fn(x, y)
         loss.backward()
         return loss.detach(), {

@@ -101,6 +101,50 @@ def test_split_gradients_in_one_buffer(backend, order):
     torch.testing.assert_close(flat([v.grad for v in logvars]), expected_lv, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_unused_pieces_get_the_kl_gradient_alone(backend, with_kl):
+    r"""Split samples of which the loss uses one: the others' means get no sample gradient (the
+    KL's alone, or zeros), exactly as if they had been used with a zero gradient."""
+
+    means, logvars = make_group(dtype=torch.float64)
+    views, kl, _ = ops.sample(means, logvars, with_kl=with_kl, split=True)
+    g = torch.randn_like(views[1])
+    ((views[1] * g).sum() + (0.3 * kl if with_kl else 0)).backward()
+
+    for i, (m, v) in enumerate(zip(means, logvars)):
+        mu, lv = m.detach(), v.detach()
+        grad = g if i == 1 else torch.zeros_like(mu)
+        eps = recovered_eps(views[i].reshape(-1), [m], [v]).view_as(mu)
+        sigma = reference.softclip(lv).div(2).exp()
+        lam = 0.3 if with_kl else 0.0
+        expected_mu = grad + lam * mu
+        expected_lv = reference.softclip_grad(lv) * (
+            0.5 * sigma * grad * eps + lam * 0.5 * (reference.softclip(lv).exp() - 1)
+        )
+        torch.testing.assert_close(m.grad, expected_mu, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(v.grad, expected_lv, rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_kernels_have_cpp_autograd_nodes(backend):
+    r"""With the compiled kernels, the eager ops' nodes are C++ (fastbnf._C: no Python in the
+    backward); the pure-PyTorch backend keeps its autograd.Functions. Both link a KL to the
+    next sample of its group."""
+
+    means, logvars = make_group()
+    link = ops.Link()
+    kl = ops.kl(means, logvars, link=link)
+    views, _, _ = ops.sample(means, logvars, split=True, link=link)
+    if backend == "torch":
+        assert type(views[0].grad_fn).__name__ == "_SampleBackward"
+        assert type(kl.grad_fn).__name__ == "_KLBackward"
+    else:
+        assert views[0].grad_fn.name() == "fastbnf::SampleBackward"
+        assert kl.grad_fn.name() == "fastbnf::KLBackward"
+        assert link.native
+    # The sample's only input is the KL's node.
+    assert [f for f, _ in views[0].grad_fn.next_functions] == [kl.grad_fn]
+
+
 def test_sample_shapes_and_dtypes(backend):
     means, logvars = make_group()
     n_total = sum(m.numel() for m in means)

@@ -28,11 +28,19 @@ from torch import Tensor
 
 from . import native
 from .eager import _KL, _apply, _Sample, _Variance
-from .library import unflatten
+from .library import TracedKL, TracedSample, traced_suffix, unflatten
 from .link import Link
 from .prior import STANDARD_NORMAL, Prior
 
 # The differentiable functions the model calls.
+
+
+def _traced_kernels(tensors: Sequence[Tensor]) -> bool:
+    r"""Whether a compiled step calls the kernel ops on these tensors (their device has compiled
+    kernels) rather than the public ops (the pure-PyTorch twin, or an empty group, for which the
+    public op raises the contract's error)."""
+
+    return len(tensors) > 0 and traced_suffix(tensors[0].device.type) != ""
 
 
 def sample(
@@ -78,7 +86,10 @@ def sample(
 
     options = (n, out_dtype, with_kl, *prior, stream)
     if torch.compiler.is_compiling():
-        theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
+        if _traced_kernels(means):
+            theta, kl, rng_state = TracedSample.apply(len(means), options, *means, *logvars)
+        else:
+            theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
         return (unflatten(theta, means) if split else theta), kl, rng_state
 
     # One sample at a time; the C++ nodes take a link only from a KL of theirs.
@@ -119,6 +130,8 @@ def kl(
     """
 
     if torch.compiler.is_compiling():
+        if _traced_kernels(means):
+            return TracedKL.apply(len(means), tuple(prior), *means, *logvars)
         return torch.ops.fastbnf.kl(list(means), list(logvars), *prior)
     linked = link is not None and torch.is_grad_enabled()
     module = native.usable(means)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .. import reference
+from .._backend import backend
 from .._schemas import KERNEL_SUFFIX, SCHEMAS
 from .dispatch import _device, _run
 
@@ -150,19 +151,6 @@ def _setup_sample(ctx, inputs, output):
     ctx.no_grads = _no_grads(inputs[2:])
 
 
-def _sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
-    saved = ctx.saved_tensors
-    means, logvars = saved[: ctx.count], saved[ctx.count : 2 * ctx.count]
-    rng_state = saved[-1]
-    grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward(
-        grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
-    )
-    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
-
-
-_sample_op.register_autograd(_sample_autograd, setup_context=_setup_sample)
-
-
 def _setup_kl(ctx, inputs, output):
     means, logvars, *options = inputs
     ctx.options = tuple(options)
@@ -171,14 +159,38 @@ def _setup_kl(ctx, inputs, output):
     ctx.no_grads = _no_grads(options)
 
 
-def _kl_autograd(ctx, grad_kl):
-    saved = ctx.saved_tensors
-    means, logvars = saved[: ctx.count], saved[ctx.count :]
-    grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward(grad_kl, means, logvars, *ctx.options)
-    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
+def _register_autograd(suffix: str) -> None:
+    r"""Registers the autograd of ``fastbnf::sample<suffix>`` and ``fastbnf::kl<suffix>``, whose
+    backwards call ``fastbnf::sample_backward<suffix>`` and ``fastbnf::kl_backward<suffix>``."""
+
+    sample_backward = getattr(torch.ops.fastbnf, f"sample_backward{suffix}")
+    kl_backward = getattr(torch.ops.fastbnf, f"kl_backward{suffix}")
+
+    def sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
+        saved = ctx.saved_tensors
+        means, logvars = saved[: ctx.count], saved[ctx.count : 2 * ctx.count]
+        rng_state = saved[-1]
+        grad_mu, grad_logvar = sample_backward(
+            grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
+        )
+        return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
+
+    def kl_autograd(ctx, grad_kl):
+        saved = ctx.saved_tensors
+        means, logvars = saved[: ctx.count], saved[ctx.count :]
+        grad_mu, grad_logvar = kl_backward(grad_kl, means, logvars, *ctx.options)
+        return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
+
+    lib = _LIBRARY if suffix else None
+    torch.library.register_autograd(
+        f"fastbnf::sample{suffix}", sample_autograd, setup_context=_setup_sample, lib=lib
+    )
+    torch.library.register_autograd(
+        f"fastbnf::kl{suffix}", kl_autograd, setup_context=_setup_kl, lib=lib
+    )
 
 
-_kl_op.register_autograd(_kl_autograd, setup_context=_setup_kl)
+_register_autograd("")
 
 
 def _variance_grad(grad: Tensor, logvars: Sequence[Tensor]) -> list[Tensor]:
@@ -196,3 +208,59 @@ def _variance_autograd(ctx, grad):
 
 
 _variance_op.register_autograd(_variance_autograd, setup_context=_setup_variance)
+
+
+@torch.compiler.assume_constant_result
+def traced_suffix(device_type: str) -> str:
+    r"""The suffix of the ops a compiled step calls on a device type: the kernel ops' where the
+    device's backend is compiled, else none (the public ops, which run the pure-PyTorch twin).
+    Decided when the step is traced: a later ``FASTBNF_BACKEND`` does not change the graph."""
+
+    return "" if backend(device_type) == "torch" else KERNEL_SUFFIX
+
+
+# The compiled kernels in a compiled step: autograd.Functions that dynamo traces into the graph,
+# around the kernel ops, which have no autograd kernel of their own. A compiled graph calls them
+# through the dispatcher alone, where an op with autograd registered in Python (the public ops)
+# costs several times the kernels' own host time on every call.
+
+
+class TracedSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, count, options, *tensors):
+        means, logvars = list(tensors[:count]), list(tensors[count:])
+        theta, kl, rng_state = torch.ops.fastbnf.sample_kernel(means, logvars, *options)
+        ctx.count = count
+        n, out_dtype, with_kl, *prior, stream = options
+        ctx.options = (with_kl, *prior)
+        ctx.save_for_backward(*tensors, rng_state)
+        ctx.mark_non_differentiable(rng_state)
+        return theta, kl, rng_state
+
+    @staticmethod
+    def backward(ctx, grad_theta, grad_kl, _):
+        *tensors, rng_state = ctx.saved_tensors
+        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+        grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward_kernel(
+            grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
+        )
+        return None, None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
+
+
+class TracedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, count, prior, *tensors):
+        means, logvars = list(tensors[:count]), list(tensors[count:])
+        ctx.count = count
+        ctx.prior = prior
+        ctx.save_for_backward(*tensors)
+        return torch.ops.fastbnf.kl_kernel(means, logvars, *prior)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        tensors = ctx.saved_tensors
+        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
+        grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward_kernel(
+            grad_kl, means, logvars, *ctx.prior
+        )
+        return None, None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
