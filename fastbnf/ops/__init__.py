@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import native
 from .eager import _KL, _apply, _Sample, _Variance
-from .library import TracedKL, TracedSample, traced_suffix, unflatten
+from .library import TracedKL, TracedSample, traces_kernels, unflatten
 from .link import Link
 from .prior import STANDARD_NORMAL, Prior
 
@@ -40,7 +40,7 @@ def _traced_kernels(tensors: Sequence[Tensor]) -> bool:
     kernels) rather than the public ops (the pure-PyTorch twin, or an empty group, for which the
     public op raises the contract's error)."""
 
-    return len(tensors) > 0 and traced_suffix(tensors[0].device.type) != ""
+    return len(tensors) > 0 and traces_kernels(tensors[0].device.type)
 
 
 def sample(

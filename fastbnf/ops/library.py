@@ -151,6 +151,19 @@ def _setup_sample(ctx, inputs, output):
     ctx.no_grads = _no_grads(inputs[2:])
 
 
+def _sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
+    saved = ctx.saved_tensors
+    means, logvars = saved[: ctx.count], saved[ctx.count : 2 * ctx.count]
+    rng_state = saved[-1]
+    grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward(
+        grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
+    )
+    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
+
+
+_sample_op.register_autograd(_sample_autograd, setup_context=_setup_sample)
+
+
 def _setup_kl(ctx, inputs, output):
     means, logvars, *options = inputs
     ctx.options = tuple(options)
@@ -159,38 +172,14 @@ def _setup_kl(ctx, inputs, output):
     ctx.no_grads = _no_grads(options)
 
 
-def _register_autograd(suffix: str) -> None:
-    r"""Registers the autograd of ``fastbnf::sample<suffix>`` and ``fastbnf::kl<suffix>``, whose
-    backwards call ``fastbnf::sample_backward<suffix>`` and ``fastbnf::kl_backward<suffix>``."""
-
-    sample_backward = getattr(torch.ops.fastbnf, f"sample_backward{suffix}")
-    kl_backward = getattr(torch.ops.fastbnf, f"kl_backward{suffix}")
-
-    def sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
-        saved = ctx.saved_tensors
-        means, logvars = saved[: ctx.count], saved[ctx.count : 2 * ctx.count]
-        rng_state = saved[-1]
-        grad_mu, grad_logvar = sample_backward(
-            grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
-        )
-        return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
-
-    def kl_autograd(ctx, grad_kl):
-        saved = ctx.saved_tensors
-        means, logvars = saved[: ctx.count], saved[ctx.count :]
-        grad_mu, grad_logvar = kl_backward(grad_kl, means, logvars, *ctx.options)
-        return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
-
-    lib = _LIBRARY if suffix else None
-    torch.library.register_autograd(
-        f"fastbnf::sample{suffix}", sample_autograd, setup_context=_setup_sample, lib=lib
-    )
-    torch.library.register_autograd(
-        f"fastbnf::kl{suffix}", kl_autograd, setup_context=_setup_kl, lib=lib
-    )
+def _kl_autograd(ctx, grad_kl):
+    saved = ctx.saved_tensors
+    means, logvars = saved[: ctx.count], saved[ctx.count :]
+    grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward(grad_kl, means, logvars, *ctx.options)
+    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
 
 
-_register_autograd("")
+_kl_op.register_autograd(_kl_autograd, setup_context=_setup_kl)
 
 
 def _variance_grad(grad: Tensor, logvars: Sequence[Tensor]) -> list[Tensor]:
@@ -211,12 +200,12 @@ _variance_op.register_autograd(_variance_autograd, setup_context=_setup_variance
 
 
 @torch.compiler.assume_constant_result
-def traced_suffix(device_type: str) -> str:
-    r"""The suffix of the ops a compiled step calls on a device type: the kernel ops' where the
-    device's backend is compiled, else none (the public ops, which run the pure-PyTorch twin).
-    Decided when the step is traced: a later ``FASTBNF_BACKEND`` does not change the graph."""
+def traces_kernels(device_type: str) -> bool:
+    r"""Whether a compiled step calls the kernel ops on a device type (its backend is compiled)
+    rather than the public ops (the pure-PyTorch twin). Decided when the step is traced, as a
+    constant: a later ``FASTBNF_BACKEND`` does not change a compiled graph."""
 
-    return "" if backend(device_type) == "torch" else KERNEL_SUFFIX
+    return backend(device_type) != "torch"
 
 
 # The compiled kernels in a compiled step: autograd.Functions that dynamo traces into the graph,
