@@ -16,8 +16,8 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include <algorithm>
 #include <memory>
-#include <numeric>
 #include <string>
 #include <tuple>
 #include <type_traits>

@@ -92,7 +92,7 @@ def sample(
             theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
         return (unflatten(theta, means) if split else theta), kl, rng_state
 
-    # One sample at a time; the C++ nodes take a link only from a KL of theirs.
+    # The C++ nodes draw one sample at a time, and take a link only from a KL of theirs.
     module = native.usable(means) if n is None else None
     if module is not None and (link is None or link.native):
         token = None if link is None else link.token
@@ -101,7 +101,7 @@ def sample(
         )
         return (theta if split else theta[0]), kl, rng_state
     if link is not None and link.native:
-        raise ValueError("the Link comes from a KL of the compiled backend, not this sample's")
+        link = None  # not followed here: the KL's node then computes the KL's gradients alone
 
     if link is None:
         *theta, kl, rng_state = _apply(_Sample, options, split, None, None, *means, *logvars)
