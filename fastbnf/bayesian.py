@@ -435,10 +435,11 @@ class BayesianModel(nn.Module):
             kl = self._kl(self._get_groups(others), prior_var, prior_mean, kl)
 
         self._set("_active", True)
-        originals = _swap_in(samples)
+        originals = []
 
         # Straight-line code rather than nested context managers: this runs every step.
         try:
+            originals = _swap_in(samples)
             with self._trick(layers, others) if layers else nullcontext({}) as forwards:
                 # Lets activation checkpointing reinstall the samples for a recomputation.
                 state = checkpointing.install(self, samples, forwards)

@@ -4,12 +4,14 @@ The public ops ``torch.ops.fastbnf.*`` are declared from :mod:`fastbnf._schemas`
 here: each call runs the compiled kernel op ``fastbnf::<name>_kernel`` or the pure-PyTorch twin
 in :mod:`fastbnf.reference`, as :func:`fastbnf.backend` says for the device at call time.
 
-Two paths lead to them. Under :func:`torch.compile` the functions below call the custom ops
-(:mod:`fastbnf.ops.library`: definitions, fakes and registered autograd), so a training step
-traces without graph breaks. In eager mode they call the :class:`torch.autograd.Function`s of
-:mod:`fastbnf.ops.eager`, which run the same implementation directly. Either way every call
-shows in :mod:`torch.profiler` as ``fastbnf::<name>``. :mod:`fastbnf.ops.dispatch` picks the
-backend of a call; :mod:`fastbnf.ops.link` ties a KL to the next sample of its group.
+Three paths lead to them. Under :func:`torch.compile` the functions below trace into the graph
+(:mod:`fastbnf.ops.library`): the kernel ops inside :class:`torch.autograd.Function`\ s where
+the device has compiled kernels, the custom ops (definitions, fakes, registered autograd)
+elsewhere. In eager mode with compiled kernels they call the C++ autograd nodes of
+:mod:`fastbnf.ops.native`; otherwise the :class:`torch.autograd.Function`\ s of
+:mod:`fastbnf.ops.eager`, which run the same implementation. Every call shows in
+:mod:`torch.profiler` as ``fastbnf::<name>``. :mod:`fastbnf.ops.dispatch` picks the backend of a
+call; :mod:`fastbnf.ops.link` ties a KL to the next sample of its group.
 """
 
 __all__ = [

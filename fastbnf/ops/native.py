@@ -1,9 +1,9 @@
 r"""The eager path with compiled kernels: C++ autograd nodes (``csrc/eager_nodes.h``).
 
 One call per group and direction, and no Python in the backward: a small model's step is bound
-by host time, and the :class:`torch.autograd.Function`\ s of :mod:`fastbnf.ops.eager` cost about
-twice as much per call. They remain the path of the pure-PyTorch backend, of functorch
-transforms and of several samples at once; both compute the same.
+by host time, which the :class:`torch.autograd.Function`\ s of :mod:`fastbnf.ops.eager` add to
+(``docs/design.md`` has the measurements). They remain the path of the pure-PyTorch backend, of
+functorch transforms and of several samples at once; both compute the same.
 """
 
 import torch
