@@ -1,0 +1,112 @@
+r"""One variational Adam step of a group of parameters, composed of the ops."""
+
+from __future__ import annotations
+
+import torch
+
+from collections.abc import Sequence
+from torch import Tensor
+
+from ..ops.dispatch import _device, _run
+from ..ops.library import unflatten
+from ..ops.prior import STANDARD_NORMAL, Prior
+
+
+def _adam(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    r"""The update of :class:`torch.optim.AdamW` (``foreach=False``), operation for operation,
+    in place: with ``weight_decay=0`` that of :class:`torch.optim.Adam`."""
+
+    beta1, beta2 = betas
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+@torch.no_grad()
+def variational_adam_step(
+    grad_theta: Tensor,
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    rng_state: Tensor,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    kl_weight: float = 1.0,
+    prior: Prior = STANDARD_NORMAL,
+    stream: int = 0,
+) -> tuple[Tensor, Tensor]:
+    r"""Takes one variational Adam step of a group and draws its next sample.
+
+    With :math:`\theta_t = \mu + \sigma \epsilon_t` the current sample (drawn from ``rng_state``)
+    and :math:`g` the gradient of the data loss with respect to it, the gradients of
+    :math:`\mathcal{L} = \ell(\theta_t) + \lambda \, \mathrm{KL}` are those of the seed's loop:
+    :math:`g + \lambda \, \partial_\mu \mathrm{KL}` for the means and
+    :math:`g \, \epsilon_t \, \partial_{\log \sigma^2} \sigma + \lambda \,
+    \partial_{\log \sigma^2} \mathrm{KL}` for the log-variances, regenerated from the key rather
+    than kept. Adam (AdamW's decoupled weight decay, on the means only) then updates the means,
+    the log-variances and their moments in place, and the next sample is drawn from the
+    updated posterior.
+
+    Arguments:
+        grad_theta: The flat gradient of the data loss with respect to the group's sample.
+        means: The group's posterior means, updated in place.
+        logvars: Their log-variances, updated in place.
+        exp_avgs: Adam's first moments of the means, then of the log-variances.
+        exp_avg_sqs: Adam's second moments, alike.
+        rng_state: The ``(seed, offset)`` pair the current sample was drawn from.
+        step: Adam's step count, this step included (1 for the first).
+        lr: The learning rate.
+        betas: Adam's coefficients of the running averages.
+        eps: Adam's term added to the denominator.
+        weight_decay: The decoupled weight decay of the means (AdamW's).
+        kl_weight: The weight :math:`\lambda` of the KL divergence in the loss.
+        prior: The prior of the KL.
+        stream: An integer folded into the noise's key (the data-parallel rank).
+
+    Returns:
+        The next sample, flat, and the ``(seed, offset)`` pair it was drawn from.
+    """
+
+    count = len(means)
+    if len(logvars) != count or len(exp_avgs) != 2 * count or len(exp_avg_sqs) != 2 * count:
+        raise ValueError(
+            "variational_adam_step: expected as many logvars as means and twice as many moments"
+            f" of each kind, got {count} means, {len(logvars)} logvars, {len(exp_avgs)} "
+            f"exp_avgs and {len(exp_avg_sqs)} exp_avg_sqs."
+        )
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"variational_adam_step: step must be an integer >= 1, got {step!r}.")
+
+    device = _device(means)
+    grad_kl = torch.tensor(kl_weight, dtype=means[0].dtype, device=device)
+    grad_mu, grad_logvar = _run(
+        "sample_backward", device, grad_theta, grad_kl, means, logvars, rng_state, True, *prior
+    )
+    grads = [*unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)]
+
+    for i, (param, grad) in enumerate(zip([*means, *logvars], grads)):
+        decay = weight_decay if i < count else 0.0
+        _adam(param, grad, exp_avgs[i], exp_avg_sqs[i], step, lr, betas, eps, decay)
+
+    theta, _, next_state = _run("sample", device, means, logvars, None, None, False, *prior, stream)
+    return theta, next_state
