@@ -108,5 +108,6 @@ def variational_adam_step(
         decay = weight_decay if i < count else 0.0
         _adam(param, grad, exp_avgs[i], exp_avg_sqs[i], step, lr, betas, eps, decay)
 
-    theta, _, next_state = _run("sample", device, means, logvars, None, None, False, *prior, stream)
+    options = (None, None, False, *prior, stream)  # one sample, the group's dtype, no KL
+    theta, _, next_state = _run("sample", device, means, logvars, *options)
     return theta, next_state
