@@ -46,6 +46,32 @@ def _check_finite(value: Any, argument: str) -> float:
     return float(value)
 
 
+@dataclass
+class _Held:
+    r"""Samples held in the base model's slots: the frozen weights they replace, the samples
+    (per group, per tensor) and the state dict names of each slot."""
+
+    originals: dict[tuple[nn.Module, str], Tensor]
+    pieces: list[list[Tensor]]
+    names: dict[tuple[nn.Module, str], list[str]]
+
+
+def _base_weights_in_state_dict(model, state_dict, prefix, local_metadata) -> None:
+    r"""Saves the frozen weights under the base model's keys while samples are held in its
+    slots, so that the state dict stays zuko's."""
+
+    held = model._held
+    if held is None:
+        return
+    for slot, names in held.names.items():
+        for name in names:
+            key = f"{prefix}base.{name}"
+            if key in state_dict:
+                value = held.originals[slot]
+                keep_vars = state_dict[key].requires_grad
+                state_dict[key] = value if keep_vars else value.detach()
+
+
 def _swap_in(samples: list[tuple[_Group, list[Tensor]]]) -> list[tuple[nn.Module, str, Tensor]]:
     r"""Puts the samples where the base model's selected parameters are; returns those."""
 
@@ -142,6 +168,9 @@ class BayesianModel(nn.Module):
         self._trick_cache = None
         self._active = False
         self._links = None
+        # The samples an optimizer keeps in the base model's slots (fastbnf.optim), if any.
+        self._held = None
+        self.register_state_dict_post_hook(_base_weights_in_state_dict)
         # Built now (and again wherever they are invalidated) rather than inside the trace of a
         # compiled step, whose guard on the empty cache would fail on the next call: a
         # recompile.
@@ -162,18 +191,43 @@ class BayesianModel(nn.Module):
         self._links = None
 
     def _apply(self, fn, recurse=True):
+        if self._held is not None:
+            raise RuntimeError(
+                "BayesianModel: cannot move or convert the model while an optimizer keeps its "
+                "samples in the base model (fastbnf.optim.VariationalAdam); move it first, then "
+                "create the optimizer."
+            )
         self._invalidate()
         result = super()._apply(fn, recurse)
         self._get_groups()
         return result
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._held is not None:
+            raise RuntimeError(
+                "BayesianModel: cannot pickle the model while an optimizer keeps its samples in "
+                "the base model (fastbnf.optim.VariationalAdam); save the state dicts of the "
+                "model and of the optimizer instead."
+            )
         state = super().__getstate__()
         state["_groups"] = {}
         state["_trick_cache"] = None
         state["_active"] = False
         state["_links"] = None
         return state
+
+    def __deepcopy__(self, memo: dict) -> "BayesianModel":
+        # A copy gets the frozen weights in its slots, not an optimizer's samples.
+        held = self._held
+        self._release()
+        try:
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        finally:
+            if held is not None:
+                self._hold(held.pieces)
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -198,10 +252,50 @@ class BayesianModel(nn.Module):
             group.names.append(name)
             group.means.append(mean)
             group.logvars.append(logvar)
-            group.inits.append(module._parameters[attribute])
+            group.inits.append(self._original(module, attribute))
 
         self._groups[skip] = list(groups.values())
         return self._groups[skip]
+
+    # Samples held in the base model's slots by an optimizer (fastbnf.optim.VariationalAdam):
+    # the slots' frozen weights stay what the groups, the state dict and prior_mean="init" see.
+
+    def _original(self, module: nn.Module, attribute: str) -> Tensor:
+        r"""The frozen weight of a selected slot, whatever the slot holds now."""
+
+        if self._held is not None:
+            return self._held.originals[module, attribute]
+        return module._parameters[attribute]
+
+    def _hold(self, pieces: list[list[Tensor]]) -> None:
+        r"""Puts the samples ``pieces`` (per group, per tensor) in the base model's slots until
+        :meth:`_release`."""
+
+        if self._held is not None or self._active:
+            raise RuntimeError("BayesianModel: the base model's slots are in use already.")
+        groups = self._get_groups()
+        originals = {}
+        for group, views in zip(groups, pieces, strict=True):
+            for module, attribute, i in group.places:
+                if (module, attribute) not in originals:
+                    originals[module, attribute] = swap_parameter(module, attribute, views[i])
+        names = {
+            (module, attribute): [f"{name}.{attribute}" if name else attribute for name in paths]
+            for (module, attribute) in originals
+            for paths in [
+                [n for n, m in self.base.named_modules(remove_duplicate=False) if m is module]
+            ]
+        }
+        self._set("_held", _Held(originals, pieces, names))
+
+    def _release(self) -> None:
+        r"""Puts the frozen weights back in the base model's slots."""
+
+        if self._held is None:
+            return
+        for (module, attribute), original in self._held.originals.items():
+            swap_parameter(module, attribute, original)
+        self._set("_held", None)
 
     # Prior arguments, validated before anything runs.
 
@@ -370,7 +464,7 @@ class BayesianModel(nn.Module):
         # Inside reparameterize() the base holds samples where its parameters were: the copy
         # gets (copies of) the parameters back in their places, tied ones still tied.
         memo, copies = {}, {}
-        if self._active:
+        if self._active or self._held is not None:
             for group in self._get_groups():
                 for module, attribute, i in group.places:
                     original = group.inits[i]
@@ -619,9 +713,16 @@ class BayesianModel(nn.Module):
                 "nothing was loaded:\n  " + "\n  ".join(sorted(problems))
             )
 
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._invalidate()
-        self._get_groups()
+        # The base model's weights load into its slots: its frozen weights, not held samples.
+        held = self._held
+        self._release()
+        try:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+            self._invalidate()
+            self._get_groups()
+        finally:
+            if held is not None:
+                self._hold(held.pieces)
         return result
 
     def __getattr__(self, name: str) -> Any:

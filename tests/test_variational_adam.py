@@ -2,6 +2,8 @@ r"""The variational Adam step of a group (fastbnf.optim.variational_adam_step) a
 loop: the same noise injected into zuko's ``reparameterize()``, its KL, ``backward()`` and
 ``torch.optim.Adam`` (or AdamW) on its means and log-variances, step for step."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +14,7 @@ from torch.func import functional_call
 import fastbnf
 
 from fastbnf import ops
-from fastbnf.optim import variational_adam_step
+from fastbnf.optim import VariationalAdam, variational_adam_step
 
 
 def twins(dtype, init_logvar=-4.0):
@@ -138,4 +140,156 @@ def test_bad_arguments_change_nothing(backend):
     with pytest.raises(ValueError, match="twice as many moments"):
         variational_adam_step(theta, means, logvars, moments[:2], moments, rng_state, 1)
     for p, b in zip([*means, *logvars], before):
+        assert torch.equal(p, b)
+
+
+# The optimizer: a plain model's loop.
+
+
+def held_noise(bm, optimizer):
+    r"""The noise of the samples the optimizer holds, one tensor per key, in key order."""
+
+    noise = []
+    for group, pieces in zip(bm._get_groups(), optimizer.samples):
+        for mean, logvar, piece in zip(group.means, group.logvars, pieces):
+            sigma = fastbnf.reference.softclip(logvar.detach()).div(2).exp()
+            noise.append((piece.detach() - mean.detach()) / sigma)
+    return noise
+
+
+def test_optimizer_loop_equals_zukos_loop(backend):
+    ours, theirs = twins(torch.float64)
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    lam, lr = 1e-2, 1e-2
+    optimizer = VariationalAdam(ours, lr=lr, kl_weight=lam, prior_var=0.5)
+    reference = torch.optim.Adam(theirs.parameters(), lr=lr, foreach=False)
+
+    for _ in range(20):
+        draws = iter(held_noise(ours, optimizer))
+
+        loss = (ours.base(x) - y).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+        original = torch.randn_like
+        torch.randn_like = lambda t, **kwargs: next(draws)
+        try:
+            kl = theirs.kl_divergence(prior_var=0.5)
+            with theirs.reparameterize() as model:
+                zuko_loss = (model(x) - y).square().mean()
+            (zuko_loss + lam * kl).backward()
+        finally:
+            torch.randn_like = original
+        reference.step()
+        reference.zero_grad()
+
+        torch.testing.assert_close(loss, zuko_loss, rtol=1e-10, atol=1e-12)
+        for key in theirs.means:
+            torch.testing.assert_close(ours.means[key], theirs.means[key], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                ours.logvars[key], theirs.logvars[key], rtol=1e-10, atol=1e-12
+            )
+
+
+def test_non_bayesian_parameters_get_adamw(backend):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    bm = fastbnf.BayesianModel(base, include_params=["0."])
+    plain = [p.detach().clone().requires_grad_() for p in base[2].parameters()]
+    optimizer = VariationalAdam(bm, lr=0.1, weight_decay=0.01)
+    reference = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.01, foreach=False)
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    for _ in range(5):
+        hidden = torch.tanh(bm.base[0](x)).detach()
+        bm.base(x).sum().backward()
+        torch.nn.functional.linear(hidden, *plain).sum().backward()
+        optimizer.step()
+        reference.step()
+        optimizer.zero_grad()
+        reference.zero_grad()
+
+    for ours, theirs in zip(base[2].parameters(), plain):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+def test_state_dicts_round_trip_and_resume_the_trajectory(backend):
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+
+    def train(bm, optimizer, steps):
+        for _ in range(steps):
+            (bm.base(x) - y).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    ours, _ = twins(torch.float64)
+    frozen = {k: v.clone() for k, v in ours.state_dict().items() if k.startswith("base.")}
+    optimizer = VariationalAdam(ours, lr=1e-2, kl_weight=1e-3)
+    train(ours, optimizer, 3)
+
+    # The model's state dict keeps zuko's keys and the frozen weights, not the samples.
+    # Copies, as torch.save would write them: the state dicts share the live tensors.
+    model_state = copy.deepcopy(ours.state_dict())
+    for key, value in frozen.items():
+        assert torch.equal(model_state[key], value), key
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    generator_state = torch.get_rng_state()  # the next keys come from it, as dropout's masks
+    train(ours, optimizer, 3)
+    expected = {k: v.clone() for k, v in ours.state_dict().items()}
+
+    resumed, _ = twins(torch.float64)
+    resumed.load_state_dict(model_state)
+    resumed_optimizer = VariationalAdam(resumed, lr=1e-2, kl_weight=1e-3)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(generator_state)
+    train(resumed, resumed_optimizer, 3)
+
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_base_model_holds_samples_until_released(backend):
+    ours, _ = twins(torch.float64)
+    frozen = [p.detach().clone() for p in ours.base.parameters()]
+    optimizer = VariationalAdam(ours)
+
+    held = list(ours.base.parameters())
+    assert all(p.requires_grad for p in held)
+    assert not any(torch.equal(p, f) for p, f in zip(held, frozen))
+    # Nothing else sees the samples: the KL's prior "init", a copy, the state dict.
+    duplicate = copy.deepcopy(ours)
+    for p, f in zip(duplicate.base.parameters(), frozen):
+        assert torch.equal(p, f) and not p.requires_grad
+    with pytest.raises(RuntimeError, match="cannot move or convert"):
+        ours.float()
+    with pytest.raises(RuntimeError, match="holds samples already"):
+        VariationalAdam(ours)
+
+    optimizer.release()
+    for p, f in zip(ours.base.parameters(), frozen):
+        assert torch.equal(p, f) and not p.requires_grad
+    with pytest.raises(RuntimeError, match="released"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(betas=0.9), "betas"),
+        (dict(eps=float("nan")), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(kl_weight=True), "kl_weight"),
+        (dict(prior_var=0.0), "prior_var"),
+    ],
+)
+def test_bad_optimizer_arguments(backend, kwargs, match):
+    ours, _ = twins(torch.float64)
+    before = [p.detach().clone() for p in ours.base.parameters()]
+    with pytest.raises(ValueError, match=match):
+        VariationalAdam(ours, **kwargs)
+    assert ours._held is None
+    for p, b in zip(ours.base.parameters(), before):
         assert torch.equal(p, b)

@@ -1,11 +1,12 @@
-r"""Optimizers of the posterior (work in progress: the fused variational Adam step).
+r"""Optimizers of the posterior that train a Bayesian model with a plain model's loop.
 
-:func:`variational_adam_step` is the step of a group on its own: given the gradient of the loss
-with respect to the current sample, it is the seed's loop (KL, sample, backward, Adam on the
-means and log-variances) reordered, and it draws the next sample. It runs on every backend
-through the ops, and is the oracle of the fused kernels to come.
+:class:`VariationalAdam` keeps the current sample in the base model and does the Bayesian work
+of a step (the KL's gradients, the reparameterization gradients, Adam on the means and
+log-variances, the next sample) in :meth:`VariationalAdam.step`. :func:`variational_adam_step`
+is that step for one group, composed of the ops.
 """
 
-__all__ = ["variational_adam_step"]
+__all__ = ["VariationalAdam", "variational_adam_step"]
 
 from .step import variational_adam_step
+from .variational_adam import VariationalAdam

@@ -12,7 +12,7 @@ from ..ops.library import unflatten
 from ..ops.prior import STANDARD_NORMAL, Prior
 
 
-def _adam(
+def adam_update(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
@@ -54,6 +54,7 @@ def variational_adam_step(
     kl_weight: float = 1.0,
     prior: Prior = STANDARD_NORMAL,
     stream: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Takes one variational Adam step of a group and draws its next sample.
 
@@ -82,6 +83,7 @@ def variational_adam_step(
         kl_weight: The weight :math:`\lambda` of the KL divergence in the loss.
         prior: The prior of the KL.
         stream: An integer folded into the noise's key (the data-parallel rank).
+        out_dtype: The dtype of the next sample, by default the group's.
 
     Returns:
         The next sample, flat, and the ``(seed, offset)`` pair it was drawn from.
@@ -106,8 +108,8 @@ def variational_adam_step(
 
     for i, (param, grad) in enumerate(zip([*means, *logvars], grads)):
         decay = weight_decay if i < count else 0.0
-        _adam(param, grad, exp_avgs[i], exp_avg_sqs[i], step, lr, betas, eps, decay)
+        adam_update(param, grad, exp_avgs[i], exp_avg_sqs[i], step, lr, betas, eps, decay)
 
-    options = (None, None, False, *prior, stream)  # one sample, the group's dtype, no KL
+    options = (None, out_dtype, False, *prior, stream)  # one sample, no KL
     theta, _, next_state = _run("sample", device, means, logvars, *options)
     return theta, next_state
