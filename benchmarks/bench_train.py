@@ -1,5 +1,8 @@
 r"""Full training steps (forward + loss + backward + Adam), with the plain base model beside.
 
+``<backend>-optim`` trains with :class:`fastbnf.optim.VariationalAdam` and a plain model's loop
+(the base model holds the sample); the others with ``torch.optim.Adam`` on the posterior.
+
 The Bayesian overhead of a contender is its step time minus the ``plain`` step (the same
 model, unwrapped, all parameters trained); the report gives it as a share of the step.
 """
@@ -10,7 +13,10 @@ import torch
 import zuko
 from torch import nn
 
+from fastbnf.optim import VariationalAdam
+
 from ._harness import (
+    backends_for,
     bayesian_contenders,
     devices,
     info,
@@ -78,7 +84,25 @@ def partial_stack(device, quick):
     return model, ("blocks.6.lin", "blocks.7.lin"), (lambda m: (m(x) - y).square().mean())
 
 
-CASES = {"sorting-mlp": sorting, "two-moons-nsf": moons, "partial-stack-8M": partial_stack}
+def mlp_8x1024(device, quick):
+    r"""8 Linear layers of width 1024 with ReLU (8.4M parameters), all Bayesian."""
+
+    width = 128 if quick else 1024
+    x = torch.randn(64, width, device=device)
+    y = torch.randn(64, width, device=device)
+    layers = []
+    for i in range(8):
+        layers += [nn.Linear(width, width)] + ([nn.ReLU()] if i < 7 else [])
+    model = nn.Sequential(*layers).to(device)
+    return model, ("",), (lambda m: (m(x) - y).square().mean())
+
+
+CASES = {
+    "sorting-mlp": sorting,
+    "two-moons-nsf": moons,
+    "partial-stack-8M": partial_stack,
+    "mlp-8x1024": mlp_8x1024,
+}
 
 
 def pytest_generate_tests(metafunc):
@@ -87,7 +111,8 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for device in devices():
         for case in CASES:
-            for contender in ["plain", *bayesian_contenders(device)]:
+            optim = [f"{b}-optim" for b in backends_for(device)]
+            for contender in ["plain", *bayesian_contenders(device), *optim]:
                 params.append((device, case, contender))
                 ids.append(f"{case}-{device}-{contender}")
     metafunc.parametrize("device,case,contender", params, ids=ids)
@@ -108,9 +133,20 @@ def test_train(benchmark, quick, monkeypatch, device, case, contender):
         model = wrap(backend, base, include)
         bayesian = sum(m.numel() for m in model.means.values())
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if contender.endswith("-optim"):
+        optimizer = VariationalAdam(model, lr=1e-3, kl_weight=1e-6)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    if contender == "plain":
+    if contender.endswith("-optim"):
+        # A plain model's loop: the base holds the sample, the optimizer does the rest.
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            objective(model.base).backward()
+            optimizer.step()
+            done()
+
+    elif contender == "plain":
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -149,7 +185,13 @@ def test_train(benchmark, quick, monkeypatch, device, case, contender):
         size=numel(base),
         bayesian_size=bayesian,
         tensors=sum(1 for _ in base.parameters()),
-        style="fused" if fused else ("seed" if contender != "plain" else None),
+        style=(
+            "optim"
+            if contender.endswith("-optim")
+            else "fused"
+            if fused
+            else ("seed" if contender != "plain" else None)
+        ),
     )
 
     run(benchmark, step, quick, budget_s=0.7)
