@@ -100,7 +100,8 @@ def variational_adam_step(
         raise ValueError(f"variational_adam_step: step must be an integer >= 1, got {step!r}.")
 
     device = _device(means)
-    grad_kl = torch.tensor(kl_weight, dtype=means[0].dtype, device=device)
+    # A fill, not a copy from the host: no transfer on a GPU.
+    grad_kl = torch.full((), kl_weight, dtype=means[0].dtype, device=device)
     grad_mu, grad_logvar = _run(
         "sample_backward", device, grad_theta, grad_kl, means, logvars, rng_state, True, *prior
     )
