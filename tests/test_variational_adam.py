@@ -14,6 +14,7 @@ from torch.func import functional_call
 import fastbnf
 
 from fastbnf import ops
+from fastbnf._backend import has_kernel
 from fastbnf.optim import VariationalAdam, variational_adam_step
 
 
@@ -293,3 +294,39 @@ def test_bad_optimizer_arguments(backend, kwargs, match):
     assert ours._held is None
     for p, b in zip(ours.base.parameters(), before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("cuda")),
+    reason="no CUDA GPU and kernel",
+)
+def test_optimizer_on_cuda_equals_zukos_loop():
+    ours, theirs = twins(torch.float64)
+    ours, theirs = ours.cuda(), theirs.cuda()
+    x = torch.randn(32, 3, dtype=torch.float64, device="cuda")
+    y = torch.randn(32, 2, dtype=torch.float64, device="cuda")
+    optimizer = VariationalAdam(ours, lr=1e-2, kl_weight=1e-2)
+    reference = torch.optim.Adam(theirs.parameters(), lr=1e-2, foreach=False)
+
+    for _ in range(10):
+        draws = iter(held_noise(ours, optimizer))
+        (ours.base(x) - y).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+        original = torch.randn_like
+        torch.randn_like = lambda t, **kwargs: next(draws)
+        try:
+            kl = theirs.kl_divergence()
+            with theirs.reparameterize() as model:
+                loss = (model(x) - y).square().mean() + 1e-2 * kl
+            loss.backward()
+        finally:
+            torch.randn_like = original
+        reference.step()
+        reference.zero_grad()
+
+    for key in theirs.means:
+        torch.testing.assert_close(ours.means[key], theirs.means[key], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours.logvars[key], theirs.logvars[key], rtol=1e-9, atol=1e-12)
