@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from ..ops.dispatch import _device, _run
@@ -55,6 +55,7 @@ def variational_adam_step(
     prior: Prior = STANDARD_NORMAL,
     stream: int = 0,
     out_dtype: torch.dtype | None = None,
+    average: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Takes one variational Adam step of a group and draws its next sample.
 
@@ -84,6 +85,8 @@ def variational_adam_step(
         prior: The prior of the KL.
         stream: An integer folded into the noise's key (the data-parallel rank).
         out_dtype: The dtype of the next sample, by default the group's.
+        average: A function that averages, in place, the group's flat gradient (of the means,
+            then of the log-variances) over data-parallel ranks before the update.
 
     Returns:
         The next sample, flat, and the ``(seed, offset)`` pair it was drawn from.
@@ -105,6 +108,11 @@ def variational_adam_step(
     grad_mu, grad_logvar = _run(
         "sample_backward", device, grad_theta, grad_kl, means, logvars, rng_state, True, *prior
     )
+    if average is not None:
+        # Each rank's reparameterization gradient, with its own noise, then their mean.
+        flat = torch.cat([grad_mu, grad_logvar])
+        average(flat)
+        grad_mu, grad_logvar = flat.split([grad_mu.numel(), grad_logvar.numel()])
     grads = [*unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)]
 
     for i, (param, grad) in enumerate(zip([*means, *logvars], grads)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from collections.abc import Callable
@@ -22,6 +23,17 @@ def _check(value: Any, name: str, low: float = 0.0, high: float = math.inf) -> f
             f"VariationalAdam: {name} must be a number in [{low}, {high}), got {value!r}."
         )
     return float(value)
+
+
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _average(flat: Tensor) -> None:
+    r"""Averages a flat tensor over the ranks of the default process group, in place."""
+
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
 
 
 class VariationalAdam(torch.optim.Optimizer):
@@ -45,6 +57,14 @@ class VariationalAdam(torch.optim.Optimizer):
     moments, and draws :math:`\theta_{t+1}`. Given the same noise, the two loops are equal. The
     base model's parameters that are not Bayesian get AdamW's update. Gradients accumulated
     over several backward passes between steps all belong to one sample.
+
+    Data parallelism: in an initialized process group of several ranks, each rank forms its
+    own reparameterization gradient (with its own noise when the model's ``fold_rank`` is
+    true, the same sample everywhere otherwise), and :meth:`step` averages those gradients
+    over the ranks (one ``all_reduce`` per group, one for the non-Bayesian parameters) before
+    the identical update on every rank. Do not wrap the base model in
+    :class:`~torch.nn.parallel.DistributedDataParallel`: its averaging of the samples'
+    gradients would mix the ranks' noise.
 
     The model's ``state_dict`` keeps the frozen weights under ``base.*`` (zuko's), its
     ``means``, ``logvars``, :meth:`BayesianModel.kl_divergence` and ``reparameterize()`` work as
@@ -200,11 +220,19 @@ class VariationalAdam(torch.optim.Optimizer):
                 prior=prior,
                 stream=self.model._stream(),
                 out_dtype=self.model.sample_dtype,
+                average=_average if _data_parallel() else None,
             )
             self._thetas[i].copy_(sample)  # in place: the base model's leaves share it
             self._rng_states[i] = rng_state
 
     def _plain_step(self, params, lr, betas, eps, weight_decay) -> None:
+        if _data_parallel():
+            with_grads = [p for p in params if p.grad is not None]
+            if with_grads:
+                flat = torch.cat([p.grad.reshape(-1) for p in with_grads])
+                _average(flat)
+                for p, g in zip(with_grads, flat.split([p.numel() for p in with_grads])):
+                    p.grad.copy_(g.view_as(p.grad))
         for p in params:
             if p.grad is None:
                 continue
