@@ -13,29 +13,35 @@ from ..ops.prior import STANDARD_NORMAL, Prior
 
 
 def adam_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
     step: int,
     lr: float,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
 ) -> None:
-    r"""The update of :class:`torch.optim.AdamW` (``foreach=False``), operation for operation,
-    in place: with ``weight_decay=0`` that of :class:`torch.optim.Adam`."""
+    r"""The update of :class:`torch.optim.AdamW`, operation for operation, in place, over a list
+    of tensors that share a step count: with ``weight_decay=0`` that of
+    :class:`torch.optim.Adam`. The ``_foreach`` ops apply each operation to every tensor in one
+    call (its per-element arithmetic is the single-tensor op's: the results are equal)."""
 
     beta1, beta2 = betas
+    params, grads = list(params), list(grads)
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2**0.5)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, -step_size)
 
 
 @torch.no_grad()
@@ -115,9 +121,12 @@ def variational_adam_step(
         grad_mu, grad_logvar = flat.split([grad_mu.numel(), grad_logvar.numel()])
     grads = [*unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)]
 
-    for i, (param, grad) in enumerate(zip([*means, *logvars], grads)):
-        decay = weight_decay if i < count else 0.0
-        adam_update(param, grad, exp_avgs[i], exp_avg_sqs[i], step, lr, betas, eps, decay)
+    # The means with the weight decay, the log-variances without.
+    for half, decay in ((slice(0, count), weight_decay), (slice(count, 2 * count), 0.0)):
+        tensors = [*means, *logvars][half]
+        adam_update(
+            tensors, grads[half], exp_avgs[half], exp_avg_sqs[half], step, lr, betas, eps, decay
+        )
 
     options = (None, out_dtype, False, *prior, stream)  # one sample, no KL
     theta, _, next_state = _run("sample", device, means, logvars, *options)

@@ -226,28 +226,29 @@ class VariationalAdam(torch.optim.Optimizer):
             self._rng_states[i] = rng_state
 
     def _plain_step(self, params, lr, betas, eps, weight_decay) -> None:
-        if _data_parallel():
-            with_grads = [p for p in params if p.grad is not None]
-            if with_grads:
-                flat = torch.cat([p.grad.reshape(-1) for p in with_grads])
-                _average(flat)
-                for p, g in zip(with_grads, flat.split([p.numel() for p in with_grads])):
-                    p.grad.copy_(g.view_as(p.grad))
-        for p in params:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
+        with_grads = [p for p in params if p.grad is not None]
+        if with_grads and _data_parallel():
+            flat = torch.cat([p.grad.reshape(-1) for p in with_grads])
+            _average(flat)
+            for p, g in zip(with_grads, flat.split([p.numel() for p in with_grads])):
+                p.grad.copy_(g.view_as(p.grad))
+        for p in with_grads:
+            if "step" not in self.state[p]:
+                self.state[p]["step"] = 0
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            self.state[p]["step"] += 1
+        # One update per step count (a parameter may have missed steps without a gradient).
+        by_step: dict[int, list[Tensor]] = {}
+        for p in with_grads:
+            by_step.setdefault(self.state[p]["step"], []).append(p)
+        for step, ps in by_step.items():
             adam_update(
-                p,
-                p.grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state["step"],
+                ps,
+                [p.grad for p in ps],
+                [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_avg_sq"] for p in ps],
+                step,
                 lr,
                 betas,
                 eps,
