@@ -97,11 +97,35 @@ def mlp_8x1024(device, quick):
     return model, ("",), (lambda m: (m(x) - y).square().mean())
 
 
+def transformer(device, quick):
+    r"""A small language model, all Bayesian: an embedding of 2,000 tokens, 12 encoder layers
+    of width 256 (4 heads, feed-forward 128, no dropout) and a linear head, 5.0M parameters in
+    147 tensors; next-token cross-entropy on random tokens, 16 sequences of 32."""
+
+    width, vocab, layers = (32, 100, 2) if quick else (256, 2000, 12)
+    layer = nn.TransformerEncoderLayer(
+        width, 4, dim_feedforward=width // 2, dropout=0.0, batch_first=True
+    )
+    model = nn.Sequential(
+        nn.Embedding(vocab, width),
+        nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
+        nn.Linear(width, vocab),
+    ).to(device)
+    tokens = torch.randint(vocab, (16, 33), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def objective(m):
+        return nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten())
+
+    return model, ("",), objective
+
+
 CASES = {
     "sorting-mlp": sorting,
     "two-moons-nsf": moons,
     "partial-stack-8M": partial_stack,
     "mlp-8x1024": mlp_8x1024,
+    "transformer-5M": transformer,
 }
 
 
