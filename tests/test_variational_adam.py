@@ -274,6 +274,38 @@ def test_the_base_model_holds_samples_until_released(backend):
         optimizer.step()
 
 
+def test_accumulated_gradients_belong_to_one_sample(backend):
+    r"""Two backward passes before a step equal one of the summed loss, in the flat buffers
+    (``optimizer.zero_grad()``) and in the gradients autograd makes anew after they were freed
+    by hand (``bm.zero_grad()``)."""
+
+    x1, x2 = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+
+    def loss(bm, x):
+        return bm.base(x).square().mean()
+
+    results = []
+    for accumulate in (True, False):
+        ours, _ = twins(torch.float64)
+        torch.manual_seed(1)
+        optimizer = VariationalAdam(ours, lr=1e-2, kl_weight=1e-3)
+        for second in (False, True):
+            if second and accumulate:
+                ours.zero_grad()  # nn.Module's: the samples' .grad become None
+            else:
+                optimizer.zero_grad()
+            if accumulate:
+                loss(ours, x1).backward()
+                loss(ours, x2).backward()
+            else:
+                (loss(ours, x1) + loss(ours, x2)).backward()
+            torch.manual_seed(2)
+            optimizer.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in ours.parameters()]))
+
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

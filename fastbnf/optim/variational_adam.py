@@ -147,7 +147,22 @@ class VariationalAdam(torch.optim.Optimizer):
                 self._rng_states.append(rng_state)
                 pieces.append([nn.Parameter(v) for v in ops.unflatten(theta, group.means)])
         self._pieces = pieces
+        # The samples' gradients accumulate in place in one flat buffer per group (autograd
+        # adds into an existing .grad), which the step reads as it is.
+        self._grads = [torch.zeros_like(theta) for theta in self._thetas]
+        self._grad_views = [
+            ops.unflatten(grad, group.means) for grad, group in zip(self._grads, groups)
+        ]
+        self._attach_grads()
         model._hold(pieces)
+
+    def _attach_grads(self) -> None:
+        r"""Makes every sample's .grad its view of the group's flat gradient buffer."""
+
+        for pieces, views in zip(self._pieces, self._grad_views):
+            for piece, view in zip(pieces, views):
+                if piece.grad is not view:
+                    piece.grad = view
 
     @property
     def samples(self) -> list[list[Tensor]]:
@@ -160,15 +175,17 @@ class VariationalAdam(torch.optim.Optimizer):
 
         self.model._release()
         self._pieces = []
+        self._grad_views = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        r"""Resets the gradients: those of the samples are zeroed in their flat buffers (one
+        fill per group, whatever ``set_to_none``), the others as :class:`torch.optim.Adam`
+        does."""
+
         super().zero_grad(set_to_none)
-        for piece in (p for pieces in self._pieces for p in pieces):
-            if piece.grad is not None:
-                if set_to_none:
-                    piece.grad = None
-                else:
-                    piece.grad.zero_()
+        for grad in self._grads:
+            grad.zero_()
+        self._attach_grads()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -196,8 +213,11 @@ class VariationalAdam(torch.optim.Optimizer):
     def _posterior_step(self, kl_weight, lr, betas, eps, weight_decay) -> None:
         groups = self.model._get_groups()
         for i, (group, prior, pieces) in enumerate(zip(groups, self._priors, self._pieces)):
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pieces]
-            grad_theta = torch.cat([g.reshape(-1) for g in grads])
+            if all(p.grad is v for p, v in zip(pieces, self._grad_views[i])):
+                grad_theta = self._grads[i]
+            else:  # gradients set or freed by hand (bm.zero_grad(), say): gathered once
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pieces]
+                grad_theta = torch.cat([g.reshape(-1) for g in grads])
             tensors = [*group.means, *group.logvars]
             for p in tensors:
                 if "exp_avg" not in self.state[p]:
