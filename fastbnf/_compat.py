@@ -38,6 +38,9 @@ _unflatten_dense = getattr(torch._C._nn, "unflatten_dense_tensors", None)
 _has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
 # The classmethod under autograd.Function.apply, which skips its Python scan of the arguments.
 _function_apply = vars(torch._C._FunctionBase).get("apply")
+# The multi-tensor ops that torch.optim's foreach implementations use.
+_FOREACH_OPS = ("mul_", "lerp_", "addcmul_", "sqrt", "div_", "add_", "addcdiv_")
+_foreach = {name: getattr(torch, f"_foreach_{name}", None) for name in _FOREACH_OPS}
 
 PRIVATE = {
     "torch._C._current_graph_task_id": _current_graph_task_id,
@@ -47,6 +50,7 @@ PRIVATE = {
     "torch._C._nn.unflatten_dense_tensors": _unflatten_dense,
     "torch._C._dispatch_has_kernel_for_dispatch_key": _has_kernel,
     "torch._C._FunctionBase.apply": _function_apply,
+    **{f"torch._foreach_{name}": op for name, op in _foreach.items()},
 }
 
 
@@ -66,6 +70,50 @@ def apply_function(function: type[torch.autograd.Function], *args) -> Any:
     if _function_apply is None or _transforms_active is None or _transforms_active():
         return function.apply(*args)
     return _function_apply.__get__(None, function)(*args)
+
+
+def adam_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    r"""The update of :class:`torch.optim.AdamW`, operation for operation, in place, over a list
+    of tensors that share a step count: with ``weight_decay=0`` that of
+    :class:`torch.optim.Adam`. With PyTorch's ``_foreach`` ops each operation is one call for
+    every tensor (their per-element arithmetic is the single-tensor ops': the results are
+    equal); without them, a loop of the single-tensor ops."""
+
+    beta1, beta2 = betas
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    step_size = lr / (1 - beta1**step)
+    params, grads = list(params), list(grads)
+    exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+
+    if any(op is None for op in _foreach.values()):
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            if weight_decay != 0:
+                p.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
+        return
+
+    f = _foreach
+    if weight_decay != 0:
+        f["mul_"](params, 1 - lr * weight_decay)
+    f["lerp_"](exp_avgs, grads, 1 - beta1)
+    f["mul_"](exp_avg_sqs, beta2)
+    f["addcmul_"](exp_avg_sqs, grads, grads, 1 - beta2)
+    denoms = f["sqrt"](exp_avg_sqs)
+    f["div_"](denoms, bias_correction2_sqrt)
+    f["add_"](denoms, eps)
+    f["addcdiv_"](params, exp_avgs, denoms, -step_size)
 
 
 def functorch_active() -> bool:

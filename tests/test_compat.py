@@ -108,3 +108,22 @@ def test_swap_parameter():
     assert torch.equal(module(torch.ones(2)), sample.sum(1) + module.bias)
     assert _compat.swap_parameter(module, "weight", weight) is sample
     assert module.weight is weight and isinstance(module.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adam_update_is_adamw(monkeypatch, foreach):
+    if not foreach:  # the fallback of a PyTorch without the _foreach ops
+        monkeypatch.setitem(_compat._foreach, "lerp_", None)
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    expected = [p.clone().requires_grad_() for p in params]
+    reference = torch.optim.AdamW(expected, lr=0.1, betas=(0.8, 0.9), weight_decay=0.01)
+    moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    for step in range(1, 4):
+        grads = [torch.randn_like(p) for p in params]
+        for e, g in zip(expected, grads):
+            e.grad = g.clone()
+        reference.step()
+        _compat.adam_update(params, grads, *moments, step, 0.1, (0.8, 0.9), 1e-8, 0.01)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e.detach(), rtol=0, atol=0)

@@ -7,41 +7,10 @@ import torch
 from collections.abc import Callable, Sequence
 from torch import Tensor
 
+from .._compat import adam_update
 from ..ops.dispatch import _device, _run
 from ..ops.library import unflatten
 from ..ops.prior import STANDARD_NORMAL, Prior
-
-
-def adam_update(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    r"""The update of :class:`torch.optim.AdamW`, operation for operation, in place, over a list
-    of tensors that share a step count: with ``weight_decay=0`` that of
-    :class:`torch.optim.Adam`. The ``_foreach`` ops apply each operation to every tensor in one
-    call (its per-element arithmetic is the single-tensor op's: the results are equal)."""
-
-    beta1, beta2 = betas
-    params, grads = list(params), list(grads)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, bias_correction2**0.5)
-    torch._foreach_add_(denoms, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, -step_size)
 
 
 @torch.no_grad()

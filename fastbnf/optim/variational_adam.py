@@ -14,7 +14,8 @@ from typing import Any
 
 from .. import ops
 from ..bayesian import BayesianModel
-from .step import adam_update, variational_adam_step
+from .._compat import adam_update
+from .step import variational_adam_step
 
 
 def _check(value: Any, name: str, low: float = 0.0, high: float = math.inf) -> float:
