@@ -1,22 +1,18 @@
 r"""Data-parallel training: DistributedDataParallel(bm) over two gloo processes."""
 
-import datetime
-import multiprocessing
 import os
 import pytest
-import sys
-import time
+import ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from pathlib import Path
 
 import fastbnf
 
-WORLD = 2
 STEPS = 3
+WORLD = ranks.WORLD
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -35,38 +31,13 @@ def loss_fn(module, x, y):
     return (module(x) - y).square().mean()
 
 
-def worker(rank: int, init_file: str, backend: str) -> None:
-    try:
-        train(rank, init_file, backend)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-
-    # Leave without tearing the process group down: gloo's destructor can deadlock at exit
-    # (seen on the 2-core development machine), and both ranks are done (barrier in train).
-    sys.stdout.flush()
-    os._exit(0)
-
-
 def train(rank: int, init_file: str, backend: str) -> None:
     if backend:
         os.environ["FASTBNF_BACKEND"] = backend
     else:
         os.environ.pop("FASTBNF_BACKEND", None)
 
-    torch.set_num_threads(1)
-    # A failed assertion on one rank must not leave the other waiting in a collective for
-    # gloo's default 30 minutes.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    ranks.init(rank, init_file)
 
     # The same seed on every rank: same model, and (without rank folding) the same noise.
     torch.manual_seed(0)
@@ -130,25 +101,8 @@ def train(rank: int, init_file: str, backend: str) -> None:
     dist.barrier()
 
 
-# A spawned process imports torch again, and DistributedDataParallel imports torch._dynamo on
-# construction: seconds per rank on a 2-core machine, the whole budget of this file. A fork
-# server imports them once and forks every rank from there (a plain fork of the test process,
-# whose threads may hold locks, can deadlock).
-START = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-
-
 @pytest.mark.parametrize("backend", ["", "torch"], ids=["default", "torch"])
 def test_ddp_two_ranks(tmp_path: Path, backend: str):
-    if START == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "fastbnf"])
-
-    args = (str(tmp_path / "init"), backend)
-    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method=START)
-    deadline = time.monotonic() + 120
-
-    # join raises if a rank failed; a hung rank fails the test instead of the whole run.
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two ranks did not finish within 120 s")
+    ranks.run(
+        train, str(tmp_path / "init"), backend, preload=("torch", "torch._dynamo", "fastbnf")
+    )

@@ -1,14 +1,9 @@
 r"""VariationalAdam over two gloo processes against one process with the whole batch."""
 
-import datetime
-import multiprocessing
-import os
 import pytest
-import sys
-import time
+import ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from pathlib import Path
@@ -17,8 +12,8 @@ import fastbnf
 
 from fastbnf.optim import VariationalAdam
 
-WORLD = 2
 STEPS = 4
+WORLD = ranks.WORLD
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -55,44 +50,15 @@ def train(rank: int | None, fold_rank: bool) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def worker(rank: int, init_file: str, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        for fold_rank in (False, True):
-            torch.save(train(rank, fold_rank), f"{out_dir}/rank{rank}-fold{int(fold_rank)}.pt")
-        dist.barrier()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    # Without tearing the group down: gloo's destructor can deadlock at exit.
-    sys.stdout.flush()
-    os._exit(0)
-
-
-START = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+def ranks_train(rank: int, init_file: str, out_dir: str) -> None:
+    ranks.init(rank, init_file)
+    for fold_rank in (False, True):
+        torch.save(train(rank, fold_rank), f"{out_dir}/rank{rank}-fold{int(fold_rank)}.pt")
+    dist.barrier()
 
 
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path):
-    if START == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "fastbnf"])
-    args = (str(tmp_path / "init"), str(tmp_path))
-    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method=START)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two ranks did not finish within 120 s")
+    ranks.run(ranks_train, str(tmp_path / "init"), str(tmp_path))
 
     shared = [torch.load(tmp_path / f"rank{r}-fold0.pt") for r in range(WORLD)]
     folded = [torch.load(tmp_path / f"rank{r}-fold1.pt") for r in range(WORLD)]
