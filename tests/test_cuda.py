@@ -304,17 +304,18 @@ def test_cuda_graph_capture_without_warm_up():
         loss.backward()
         return out
 
+    def eager_step_checked():
+        # bm.zero_grad(set_to_none=False): the gradients the graph reads stay in place.
+        bm.zero_grad(set_to_none=False)
+        out = step()
+        torch.cuda.synchronize()
+        _check_step_grads(bm, out.detach(), c, lam)
+
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = step()
 
-    # Eager, before any replay.
-    for p in bm.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-    out = step()
-    torch.cuda.synchronize()
-    _check_step_grads(bm, out.detach(), c, lam)
+    eager_step_checked()  # before any replay
 
     outs = []
     for _ in range(3):
@@ -325,13 +326,7 @@ def test_cuda_graph_capture_without_warm_up():
         _check_step_grads(bm, out, c, lam)
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
 
-    # Eager again after the replays (the base model's frozen weights have no gradient).
-    for p in bm.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-    out = step()
-    torch.cuda.synchronize()
-    _check_step_grads(bm, out.detach(), c, lam)
+    eager_step_checked()  # and after the replays
 
 
 # --------------------------------------------------------------------------------------------
