@@ -362,3 +362,27 @@ def test_optimizer_on_cuda_equals_zukos_loop():
     for key in theirs.means:
         torch.testing.assert_close(ours.means[key], theirs.means[key], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ours.logvars[key], theirs.logvars[key], rtol=1e-9, atol=1e-12)
+
+
+def test_a_compiled_step_of_the_plain_loop(backend):
+    r"""The base model holds plain leaves: its forward and backward compile whole, and the
+    compiled loop trains as the eager one does."""
+
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    results = []
+    for compiled in (False, True):
+        ours, _ = twins(torch.float64)
+        torch.manual_seed(1)
+        optimizer = VariationalAdam(ours, lr=1e-2, kl_weight=1e-3)
+
+        def loss_fn():
+            return (ours.base(x) - y).square().mean()
+
+        fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager") if compiled else loss_fn
+        for _ in range(3):
+            fn().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append(torch.cat([p.detach().reshape(-1) for p in ours.parameters()]))
+
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14)
