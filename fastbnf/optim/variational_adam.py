@@ -155,7 +155,26 @@ class VariationalAdam(torch.optim.Optimizer):
             ops.unflatten(grad, group.means) for grad, group in zip(self._grads, groups)
         ]
         self._attach_grads()
+        for p in posterior:
+            self.state[p]["exp_avg"] = torch.zeros_like(p)
+            self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        self._moments = self._moment_lists()
         model._hold(pieces)
+
+    def _moment_lists(self) -> list[tuple[list[Tensor], list[Tensor]]]:
+        r"""Per group, Adam's first and second moments of the means then the log-variances, as
+        the step takes them (gathered once, not every step)."""
+
+        out = []
+        for group in self.model._get_groups():
+            tensors = [*group.means, *group.logvars]
+            out.append(
+                (
+                    [self.state[p]["exp_avg"] for p in tensors],
+                    [self.state[p]["exp_avg_sq"] for p in tensors],
+                )
+            )
+        return out
 
     def _attach_grads(self) -> None:
         r"""Makes every sample's .grad its view of the group's flat gradient buffer."""
@@ -219,18 +238,14 @@ class VariationalAdam(torch.optim.Optimizer):
             else:  # gradients set or freed by hand (bm.zero_grad(), say): gathered once
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pieces]
                 grad_theta = torch.cat([g.reshape(-1) for g in grads])
-            tensors = [*group.means, *group.logvars]
-            for p in tensors:
-                if "exp_avg" not in self.state[p]:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
-                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            exp_avgs, exp_avg_sqs = self._moments[i]
             self._steps[i] += 1
             sample, rng_state = variational_adam_step(
                 grad_theta,
                 group.means,
                 group.logvars,
-                [self.state[p]["exp_avg"] for p in tensors],
-                [self.state[p]["exp_avg_sq"] for p in tensors],
+                exp_avgs,
+                exp_avg_sqs,
                 self._rng_states[i],
                 self._steps[i],
                 lr=lr,
@@ -294,6 +309,7 @@ class VariationalAdam(torch.optim.Optimizer):
                 "model's groups (not a VariationalAdam's, or another model's)."
             )
         super().load_state_dict(state_dict)
+        self._moments = self._moment_lists()  # the loaded state holds new tensors
         with torch.no_grad():
             # Into the flat samples in place: the base model's leaves are views of them.
             for theta, loaded in zip(self._thetas, samples["theta"]):
