@@ -262,6 +262,38 @@ def test_steps_equal_zukos_with_the_same_noise(backend, style):
             )
 
 
+def test_local_trick_equals_zukos(backend):
+    # Every LoRA factor is an nn.Linear without bias: the trick takes all of them.
+    theirs = zuko.bayesian.BayesianModel(tiny(dtype=torch.float64), include_params=LORA)
+    ours = wrapped(dtype=torch.float64)
+    with torch.no_grad():
+        for key in theirs.means:
+            theirs.means[key].normal_(0.0, 0.1)
+            theirs.logvars[key].normal_(-4.0, 1.0)
+    ours.load_state_dict(theirs.state_dict())
+    assert len(ours._trick_plan()[0]) == len(lora_names(ours.base))
+    x = data()
+
+    losses = []
+    for bm in (ours, theirs):
+        torch.manual_seed(5)  # the same eta, drawn by torch.randn layer after layer
+        original = torch.randn_like
+        if bm is theirs:  # zuko also samples the weights the trick replaces: no draws there
+            torch.randn_like = lambda t, **kwargs: torch.zeros_like(t)
+        try:
+            with bm.reparameterize(local_trick=True) as model:
+                loss = loss_of(model, x)
+        finally:
+            torch.randn_like = original
+        loss.backward()
+        losses.append(loss)
+
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    for key in theirs.means:
+        torch.testing.assert_close(ours.means[key].grad, theirs.means[key].grad)
+        torch.testing.assert_close(ours.logvars[key].grad, theirs.logvars[key].grad)
+
+
 def test_example_runs_and_is_less_sure_out_of_distribution(tmp_path):
     path = tmp_path / "lora.png"
     summary = run(path, steps=100, samples=4, length=LENGTH)
