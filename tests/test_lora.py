@@ -86,6 +86,16 @@ def test_only_the_lora_factors_are_bayesian():
     trainable = {n for n, p in bm.named_parameters() if p.requires_grad}
     assert trainable == {f"{d}.{k}" for d in ("means", "logvars") for k in bm.means}
 
+    # prior_mean="init" centres the prior on peft's initialization: at wrap time the KL to it
+    # lacks the means' term of the KL to N(0, 1), 0.5 * sum(mu^2).
+    squares = sum(m.detach().double().square().sum() for m in bm.means.values())
+    torch.testing.assert_close(
+        bm.kl_divergence(prior_mean="init").double(),
+        bm.kl_divergence().double() - squares / 2,
+        rtol=1e-5,
+        atol=0,
+    )
+
     # zuko selects the same parameters with the same keys.
     theirs = zuko.bayesian.BayesianModel(tiny(), include_params=LORA)
     assert list(theirs.means) == list(bm.means)
