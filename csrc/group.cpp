@@ -3,6 +3,8 @@
 #include "group.h"
 
 #include <cmath>
+#include <string>
+#include <utility>
 
 #include "common/posterior_math.h"
 #include "message.h"
@@ -146,6 +148,57 @@ at::Tensor check_rng_state(const char* op, const at::Tensor& rng_state, const Gr
                       ", got ", rng_state.scalar_type(), " of shape ", rng_state.sizes(), " on ",
                       rng_state.device());
   return rng_state.contiguous();
+}
+
+namespace {
+
+const char* python_bool(bool value) { return value ? "True" : "False"; }
+
+// A tensor of the step's state: on the group's device, contiguous, of shape (numel,) and of
+// the dtype that ok accepts (wanted names it).
+void check_state(const char* op, const char* name, const at::Tensor& x, const Group& group,
+                 int64_t numel, bool ok, const char* wanted) {
+  FASTBNF_CHECK_VALUE(
+      ok && x.device() == group.device && x.dim() == 1 && x.size(0) == numel && x.is_contiguous(),
+      op, ": ", name, " must be a contiguous tensor of shape (", numel, ",) on ", group.device,
+      " of ", wanted, ", got ", x.scalar_type(), " of shape ", x.sizes(), " on ", x.device(),
+      ", contiguous: ", python_bool(x.is_contiguous()));
+}
+
+}  // namespace
+
+at::Tensor check_adam_step(const char* op, const Group& group, at::TensorList means,
+                           at::TensorList logvars, const at::Tensor& grad_theta,
+                           const at::Tensor& exp_avgs, const at::Tensor& exp_avg_sqs,
+                           const at::Tensor& theta, int64_t step) {
+  for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"means", means},
+                                   std::pair<const char*, at::TensorList>{"logvars", logvars}}) {
+    for (size_t t = 0; t < list.size(); ++t) {
+      const at::Tensor& x = list[t];
+      FASTBNF_CHECK_VALUE(x.scalar_type() == group.dtype && x.is_contiguous(), op, ": ", name, "[",
+                          t, "] is updated in place and must be contiguous, of the group's ",
+                          "dtype ", group.dtype, ", got ", x.scalar_type(),
+                          ", contiguous: ", python_bool(x.is_contiguous()));
+    }
+  }
+  const std::string group_dtype = message::build("the group's dtype ", group.dtype);
+  const int64_t N = group.numel;
+  check_state(op, "exp_avgs", exp_avgs, group, 2 * N, exp_avgs.scalar_type() == group.dtype,
+              group_dtype.c_str());
+  check_state(op, "exp_avg_sqs", exp_avg_sqs, group, 2 * N,
+              exp_avg_sqs.scalar_type() == group.dtype, group_dtype.c_str());
+  const at::ScalarType out = theta.scalar_type();
+  check_state(op, "theta", theta, group, N,
+              out == group.dtype || out == at::kHalf || out == at::kBFloat16,
+              "the group's dtype, torch.float16 or torch.bfloat16");
+  FASTBNF_CHECK_VALUE(is_posterior_dtype(grad_theta.scalar_type()) &&
+                          grad_theta.device() == group.device && grad_theta.dim() == 1 &&
+                          grad_theta.size(0) == N,
+                      op, ": grad_theta must be a tensor of shape (", N, ",) on ", group.device,
+                      " of ", kFloating, ", got ", grad_theta.scalar_type(), " of shape ",
+                      grad_theta.sizes(), " on ", grad_theta.device());
+  FASTBNF_CHECK_VALUE(step >= 1, op, ": step must be >= 1, got ", step);
+  return grad_theta.to(out).contiguous();
 }
 
 }  // namespace fastbnf

@@ -68,6 +68,16 @@ void check_grad_kl(const char* op, const at::Tensor& grad_kl, const Group& group
 // rng_state: int64 (seed, offset) on the group's device, contiguous.
 at::Tensor check_rng_state(const char* op, const at::Tensor& rng_state, const Group& group);
 
+// The state that a fused Adam step (fastbnf::adam_step) updates in place: the means and
+// log-variances (of the group's dtype and contiguous, so that the kernel writes the caller's
+// tensors, not copies), exp_avgs and exp_avg_sqs ((2 N,) of the group's dtype: the means' moments,
+// then the log-variances'), theta ((N,) of a sample dtype) and grad_theta ((N,), returned in
+// theta's dtype and contiguous); step >= 1.
+at::Tensor check_adam_step(const char* op, const Group& group, at::TensorList means,
+                           at::TensorList logvars, const at::Tensor& grad_theta,
+                           const at::Tensor& exp_avgs, const at::Tensor& exp_avg_sqs,
+                           const at::Tensor& theta, int64_t step);
+
 // The arithmetic's dtype of a group: float32, or float64 for float64 groups.
 inline bool computes_in_double(const Group& group) { return group.dtype == at::kDouble; }
 

@@ -16,6 +16,7 @@ The dtype contract:
 
 __all__ = [
     "Group",
+    "check_adam_step",
     "check_grad_kl",
     "check_grad_theta",
     "check_out_dtype",
@@ -203,3 +204,75 @@ def check_rng_state(op: str, rng_state: Tensor, group: Group) -> None:
             f"{op}: rng_state must be an int64 tensor of shape (2,) on {group.device}, got "
             f"{rng_state.dtype} of shape {_shape(rng_state)} on {rng_state.device}"
         )
+
+
+def _check_state(
+    op: str, name: str, x: Tensor, group: Group, numel: int, ok: bool, wanted: str
+) -> None:
+    if not (
+        ok
+        and x.device == group.device
+        and x.dim() == 1
+        and x.shape[0] == numel
+        and x.is_contiguous()
+    ):
+        raise ValueError(
+            f"{op}: {name} must be a contiguous tensor of shape ({numel},) on {group.device} of "
+            f"{wanted}, got {x.dtype} of shape {_shape(x)} on {x.device}, contiguous: "
+            f"{x.is_contiguous()}"
+        )
+
+
+def check_adam_step(
+    op: str,
+    group: Group,
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    grad_theta: Tensor,
+    exp_avgs: Tensor,
+    exp_avg_sqs: Tensor,
+    theta: Tensor,
+    step: int,
+) -> Tensor:
+    r"""Checks the state that a fused Adam step updates in place and returns ``grad_theta`` in
+    ``theta``'s dtype: the means and log-variances contiguous and of the group's dtype (the
+    caller's tensors are updated, not copies), ``exp_avgs`` and ``exp_avg_sqs`` of shape
+    ``(2 N,)`` and the group's dtype, ``theta`` of shape ``(N,)`` and a sample dtype,
+    ``grad_theta`` of shape ``(N,)``, ``step >= 1``."""
+
+    for name, tensors in (("means", means), ("logvars", logvars)):
+        for t, x in enumerate(tensors):
+            if x.dtype != group.dtype or not x.is_contiguous():
+                raise ValueError(
+                    f"{op}: {name}[{t}] is updated in place and must be contiguous, of the "
+                    f"group's dtype {group.dtype}, got {x.dtype}, contiguous: "
+                    f"{x.is_contiguous()}"
+                )
+    n = group.numel
+    wanted = f"the group's dtype {group.dtype}"
+    _check_state(op, "exp_avgs", exp_avgs, group, 2 * n, exp_avgs.dtype == group.dtype, wanted)
+    _check_state(
+        op, "exp_avg_sqs", exp_avg_sqs, group, 2 * n, exp_avg_sqs.dtype == group.dtype, wanted
+    )
+    _check_state(
+        op,
+        "theta",
+        theta,
+        group,
+        n,
+        theta.dtype in (group.dtype, torch.float16, torch.bfloat16),
+        "the group's dtype, torch.float16 or torch.bfloat16",
+    )
+    if not (
+        grad_theta.dtype in POSTERIOR_DTYPES
+        and grad_theta.device == group.device
+        and grad_theta.dim() == 1
+        and grad_theta.shape[0] == n
+    ):
+        raise ValueError(
+            f"{op}: grad_theta must be a tensor of shape ({n},) on {group.device} of {_FLOATING}, "
+            f"got {grad_theta.dtype} of shape {_shape(grad_theta)} on {grad_theta.device}"
+        )
+    if step < 1:
+        raise ValueError(f"{op}: step must be >= 1, got {step}")
+    return grad_theta.to(theta.dtype).contiguous()

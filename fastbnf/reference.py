@@ -18,6 +18,8 @@ differs from the compiled kernels' Philox stream (see ``csrc/common/philox.h``).
 """
 
 __all__ = [
+    "adam_posterior_update",
+    "adam_step",
     "kl",
     "kl_backward",
     "sample",
@@ -33,8 +35,10 @@ import torch
 from collections.abc import Sequence
 from torch import Tensor
 
+from ._compat import adam_update
 from ._contract import (
     Group,
+    check_adam_step,
     check_grad_kl,
     check_grad_theta,
     check_out_dtype,
@@ -334,3 +338,93 @@ def variance(logvars: Sequence[Tensor]) -> Tensor:
     for tensors, elements in _chunks(group.logvars):
         out[elements] = softclip(_flat(group.logvars[tensors], dtype)).exp_()
     return out
+
+
+def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    return [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def adam_posterior_update(
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    grad_means: Tensor,
+    grad_logvars: Tensor,
+    exp_avgs: Tensor,
+    exp_avg_sqs: Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    r"""Updates a group's means (with the decoupled weight decay) and log-variances (without)
+    in place as :class:`torch.optim.AdamW` would, from their flat gradients and flat moments
+    (``(2 N,)``: the means', then the log-variances')."""
+
+    n = grad_means.numel()
+    for tensors, grad, half, decay in (
+        (means, grad_means, slice(0, n), weight_decay),
+        (logvars, grad_logvars, slice(n, 2 * n), 0.0),
+    ):
+        adam_update(
+            tensors,
+            _views(grad, tensors),
+            _views(exp_avgs[half], tensors),
+            _views(exp_avg_sqs[half], tensors),
+            step,
+            lr,
+            (beta1, beta2),
+            eps,
+            decay,
+        )
+
+
+@torch.no_grad()
+def adam_step(
+    grad_theta: Tensor,
+    means: Sequence[Tensor],
+    logvars: Sequence[Tensor],
+    exp_avgs: Tensor,
+    exp_avg_sqs: Tensor,
+    theta: Tensor,
+    rng_state: Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    kl_weight: float,
+    prior_var: float = 1.0,
+    prior_vars: Sequence[float] | None = None,
+    prior_means: Sequence[Tensor] | None = None,
+    stream: int = 0,
+) -> Tensor:
+    r"""Takes one variational Adam step of a group in place and draws its next sample into
+    ``theta``: :func:`sample_backward`'s gradients with ``grad_kl = kl_weight``, then
+    :func:`adam_posterior_update`, then :func:`sample`.
+
+    See :mod:`fastbnf._schemas` for the contract.
+
+    Returns:
+        The ``(seed, offset)`` pair of the next sample's noise.
+    """
+
+    op = "fastbnf::adam_step"
+    group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
+    grad = check_adam_step(
+        op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step
+    )
+    check_rng_state(op, rng_state, group)
+    grad_kl = torch.full((), kl_weight, dtype=group.dtype, device=group.device)
+    grad = grad.to(compute_dtype(group.dtype))
+    grad_mu, grad_logvar = _backward(group, grad, grad_kl, rng_state, prior_var, prior_vars, op)
+    adam_posterior_update(
+        means, logvars, grad_mu, grad_logvar, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2,
+        eps, weight_decay,
+    )  # fmt: skip
+    options = (None, theta.dtype, False, prior_var, prior_vars, prior_means, stream)
+    sample_theta, _, next_state = sample(means, logvars, *options)
+    theta.copy_(sample_theta)
+    return next_state

@@ -18,6 +18,13 @@ from fastbnf._backend import has_kernel
 from fastbnf.optim import VariationalAdam, variational_adam_step
 
 
+def flat_moments(means):
+    r"""Adam's zero moments of a group, flat: the means', then the log-variances'."""
+
+    n = sum(m.numel() for m in means)
+    return means[0].new_zeros(2 * n), means[0].new_zeros(2 * n)
+
+
 def twins(dtype, init_logvar=-4.0):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).to(dtype)
@@ -42,8 +49,7 @@ def test_steps_equal_zukos_loop_with_the_same_noise(backend, dtype, tolerance, w
 
     # Ours: the group's moments, its first sample, then steps.
     means, logvars = group.means, group.logvars
-    exp_avgs = [torch.zeros_like(p) for p in [*means, *logvars]]
-    exp_avg_sqs = [torch.zeros_like(p) for p in [*means, *logvars]]
+    exp_avgs, exp_avg_sqs = flat_moments(means)
     with torch.no_grad():
         theta, _, rng_state = ops.sample(means, logvars, prior=ops.Prior(prior_var))
 
@@ -71,12 +77,13 @@ def test_steps_equal_zukos_loop_with_the_same_noise(backend, dtype, tolerance, w
         loss = (functional_call(ours.base, params, (x,)) - y).square().mean()
         grads = torch.autograd.grad(loss, leaves)
         grad_theta = torch.cat([g.reshape(-1) for g in grads])
-        theta, rng_state = variational_adam_step(
+        rng_state = variational_adam_step(
             grad_theta,
             means,
             logvars,
             exp_avgs,
             exp_avg_sqs,
+            theta,
             rng_state,
             step,
             lr=lr,
@@ -110,38 +117,89 @@ def test_the_next_sample_comes_from_the_updated_posterior(backend):
     ours, _ = twins(torch.float64, init_logvar=-2.0)
     (group,) = ours._get_groups()
     means, logvars = group.means, group.logvars
-    moments = [torch.zeros_like(p) for p in [*means, *logvars]]
     with torch.no_grad():
         theta, _, rng_state = ops.sample(means, logvars)
     grad_theta = torch.randn_like(theta)
 
-    next_theta, next_state = variational_adam_step(
-        grad_theta, means, logvars, moments, [m.clone() for m in moments], rng_state, 1, lr=0.1
+    next_state = variational_adam_step(
+        grad_theta, means, logvars, *flat_moments(means), theta, rng_state, 1, lr=0.1
     )
 
     # A fresh key, and a sample of the updated posterior (its noise standard normal).
     assert not torch.equal(next_state, rng_state)
     sigma = torch.cat([fastbnf.reference.softclip(lv).div(2).exp().reshape(-1) for lv in logvars])
     mu = torch.cat([m.reshape(-1) for m in means])
-    eps = (next_theta - mu) / sigma
+    eps = (theta - mu) / sigma
     assert abs(eps.mean().item()) < 0.2 and 0.8 < eps.std().item() < 1.2
+
+
+@pytest.mark.parametrize(
+    "dtype,tolerance",
+    [(torch.float64, dict(rtol=1e-12, atol=1e-14)), (torch.float32, dict(rtol=1e-5, atol=1e-6))],
+)
+@pytest.mark.parametrize("prior_mean", [False, True])
+def test_the_fused_step_equals_the_composed_one(backend, dtype, tolerance, prior_mean):
+    r"""One ``adam_step`` call against its parts (``sample_backward``, AdamW on the posterior,
+    ``sample``; the path of data-parallel averaging) with the same keys, over many steps and
+    on a group whose tensors straddle the kernels' chunks."""
+
+    torch.manual_seed(0)
+    sizes = [(70, 90), (5,), (4099,), (3, 3)]
+    means = [torch.randn(s, dtype=dtype) for s in sizes]
+    logvars = [torch.randn(s, dtype=dtype) * 2 - 3 for s in sizes]
+    prior = ops.Prior(
+        0.5, means=[0.1 * torch.randn_like(m) for m in means] if prior_mean else None
+    )
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        mu, lv = [m.clone() for m in means], [v.clone() for v in logvars]
+        exp_avgs, exp_avg_sqs = flat_moments(mu)
+        with torch.no_grad():
+            theta, _, rng_state = ops.sample(mu, lv, prior=prior)
+        for step in range(1, 26):
+            grad_theta = torch.sin(theta * step)  # a gradient that depends on the sample
+            rng_state = variational_adam_step(
+                grad_theta, mu, lv, exp_avgs, exp_avg_sqs, theta, rng_state, step, lr=1e-2,
+                weight_decay=0.05, kl_weight=0.3, prior=prior,
+                average=None if fused else (lambda flat: None),
+            )  # fmt: skip
+        runs.append([*mu, *lv, exp_avgs, exp_avg_sqs, theta, rng_state])
+    for fused, composed in zip(*runs):
+        torch.testing.assert_close(fused, composed, **tolerance)
 
 
 def test_bad_arguments_change_nothing(backend):
     ours, _ = twins(torch.float64)
     (group,) = ours._get_groups()
     means, logvars = group.means, group.logvars
-    moments = [torch.zeros_like(p) for p in [*means, *logvars]]
+    exp_avgs, exp_avg_sqs = flat_moments(means)
     before = [p.detach().clone() for p in [*means, *logvars]]
     with torch.no_grad():
         theta, _, rng_state = ops.sample(means, logvars)
+    sample = theta.clone()
 
     with pytest.raises(ValueError, match="step must be an integer >= 1"):
-        variational_adam_step(theta, means, logvars, moments, moments, rng_state, 0)
-    with pytest.raises(ValueError, match="twice as many moments"):
-        variational_adam_step(theta, means, logvars, moments[:2], moments, rng_state, 1)
+        variational_adam_step(theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state, 0)
+    with pytest.raises(ValueError, match=r"exp_avgs must be a contiguous tensor of shape"):
+        variational_adam_step(
+            theta, means, logvars, exp_avgs[:-1], exp_avg_sqs, theta, rng_state, 1
+        )
+    with pytest.raises(ValueError, match=r"means\[0\] is updated in place"):
+        variational_adam_step(
+            theta,
+            [means[0].t().contiguous().t(), *means[1:]],
+            logvars,
+            exp_avgs,
+            exp_avg_sqs,
+            theta,
+            rng_state,
+            1,
+        )
     for p, b in zip([*means, *logvars], before):
         assert torch.equal(p, b)
+    assert torch.equal(theta, sample)
+    assert not exp_avgs.any() and not exp_avg_sqs.any()
 
 
 # The optimizer: a plain model's loop.

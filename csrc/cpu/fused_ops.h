@@ -30,6 +30,15 @@ std::tuple<at::Tensor, at::Tensor> kl_backward_kernel(
 
 at::Tensor variance_kernel(at::TensorList logvars);
 
+// The fused variational Adam step (adam_step.cpp).
+at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
+                            at::TensorList logvars, const at::Tensor& exp_avgs,
+                            const at::Tensor& exp_avg_sqs, const at::Tensor& theta,
+                            const at::Tensor& rng_state, int64_t step, double lr, double beta1,
+                            double beta2, double eps, double weight_decay, double kl_weight,
+                            double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
+                            std::optional<at::TensorList> prior_means, int64_t stream);
+
 // How many threads ran chunks of the last kernel call that went parallel (a diagnostic for the
 // tests: at::parallel_for did split the work). Process-wide; concurrent calls mix.
 int64_t threads_used();

@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
   m.impl("kl_kernel", &fastbnf::cpu::kl_kernel);
   m.impl("kl_backward_kernel", &fastbnf::cpu::kl_backward_kernel);
   m.impl("variance_kernel", &fastbnf::cpu::variance_kernel);
+  m.impl("adam_step_kernel", &fastbnf::cpu::adam_step_kernel);
 }
 
 // The pool of large CPU outputs (buffer_pool.h), for fastbnf.empty_cache(), and the number of

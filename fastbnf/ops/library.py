@@ -109,6 +109,14 @@ for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"fastbnf::{_name}{KERNEL_SUFFIX}", _fake, lib=_LIBRARY)
 
 
+def _fake_adam_step(grad_theta, *args):
+    return grad_theta.new_empty((2,), dtype=torch.int64)
+
+
+# The fused optimizer step has a kernel op and no public op.
+torch.library.register_fake(f"fastbnf::adam_step{KERNEL_SUFFIX}", _fake_adam_step, lib=_LIBRARY)
+
+
 # Autograd of the custom ops (the traced path).
 
 

@@ -1,4 +1,4 @@
-r"""One variational Adam step of a group of parameters, composed of the ops."""
+r"""One variational Adam step of a group of parameters."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import torch
 from collections.abc import Callable, Sequence
 from torch import Tensor
 
-from .._compat import adam_update
 from ..ops.dispatch import _device, _run
-from ..ops.library import unflatten
 from ..ops.prior import STANDARD_NORMAL, Prior
+from ..reference import adam_posterior_update
 
 
 @torch.no_grad()
@@ -18,8 +17,9 @@ def variational_adam_step(
     grad_theta: Tensor,
     means: Sequence[Tensor],
     logvars: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Tensor,
+    exp_avg_sqs: Tensor,
+    theta: Tensor,
     rng_state: Tensor,
     step: int,
     lr: float = 1e-3,
@@ -29,10 +29,9 @@ def variational_adam_step(
     kl_weight: float = 1.0,
     prior: Prior = STANDARD_NORMAL,
     stream: int = 0,
-    out_dtype: torch.dtype | None = None,
     average: Callable[[Tensor], None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""Takes one variational Adam step of a group and draws its next sample.
+) -> Tensor:
+    r"""Takes one variational Adam step of a group and draws its next sample into ``theta``.
 
     With :math:`\theta_t = \mu + \sigma \epsilon_t` the current sample (drawn from ``rng_state``)
     and :math:`g` the gradient of the data loss with respect to it, the gradients of
@@ -44,12 +43,18 @@ def variational_adam_step(
     the log-variances and their moments in place, and the next sample is drawn from the
     updated posterior.
 
+    Without ``average`` this is one call of the fused op ``adam_step`` (one pass over memory
+    with the compiled kernels). With it, the gradients are formed first, averaged, and the
+    update and the next sample follow.
+
     Arguments:
         grad_theta: The flat gradient of the data loss with respect to the group's sample.
         means: The group's posterior means, updated in place.
         logvars: Their log-variances, updated in place.
-        exp_avgs: Adam's first moments of the means, then of the log-variances.
-        exp_avg_sqs: Adam's second moments, alike.
+        exp_avgs: Adam's flat first moments, ``(2 N,)``: of the means, then of the
+            log-variances.
+        exp_avg_sqs: Adam's flat second moments, alike.
+        theta: The flat sample, ``(N,)``, overwritten with the next one.
         rng_state: The ``(seed, offset)`` pair the current sample was drawn from.
         step: Adam's step count, this step included (1 for the first).
         lr: The learning rate.
@@ -59,44 +64,37 @@ def variational_adam_step(
         kl_weight: The weight :math:`\lambda` of the KL divergence in the loss.
         prior: The prior of the KL.
         stream: An integer folded into the noise's key (the data-parallel rank).
-        out_dtype: The dtype of the next sample, by default the group's.
         average: A function that averages, in place, the group's flat gradient (of the means,
             then of the log-variances) over data-parallel ranks before the update.
 
     Returns:
-        The next sample, flat, and the ``(seed, offset)`` pair it was drawn from.
+        The ``(seed, offset)`` pair the next sample was drawn from.
     """
 
-    count = len(means)
-    if len(logvars) != count or len(exp_avgs) != 2 * count or len(exp_avg_sqs) != 2 * count:
-        raise ValueError(
-            "variational_adam_step: expected as many logvars as means and twice as many moments"
-            f" of each kind, got {count} means, {len(logvars)} logvars, {len(exp_avgs)} "
-            f"exp_avgs and {len(exp_avg_sqs)} exp_avg_sqs."
-        )
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"variational_adam_step: step must be an integer >= 1, got {step!r}.")
 
     device = _device(means)
+    beta1, beta2 = betas
+    if average is None:
+        hyper = (step, lr, beta1, beta2, eps, weight_decay, kl_weight)
+        args = (grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state)
+        return _run("adam_step", device, *args, *hyper, *prior, stream)
+
     # A fill, not a copy from the host: no transfer on a GPU.
     grad_kl = torch.full((), kl_weight, dtype=means[0].dtype, device=device)
     grad_mu, grad_logvar = _run(
         "sample_backward", device, grad_theta, grad_kl, means, logvars, rng_state, True, *prior
     )
-    if average is not None:
-        # Each rank's reparameterization gradient, with its own noise, then their mean.
-        flat = torch.cat([grad_mu, grad_logvar])
-        average(flat)
-        grad_mu, grad_logvar = flat.split([grad_mu.numel(), grad_logvar.numel()])
-    grads = [*unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)]
-
-    # The means with the weight decay, the log-variances without.
-    for half, decay in ((slice(0, count), weight_decay), (slice(count, 2 * count), 0.0)):
-        tensors = [*means, *logvars][half]
-        adam_update(
-            tensors, grads[half], exp_avgs[half], exp_avg_sqs[half], step, lr, betas, eps, decay
-        )
-
-    options = (None, out_dtype, False, *prior, stream)  # one sample, no KL
-    theta, _, next_state = _run("sample", device, means, logvars, *options)
-    return theta, next_state
+    # Each rank's reparameterization gradient, with its own noise, then their mean.
+    flat = torch.cat([grad_mu, grad_logvar])
+    average(flat)
+    grad_mu, grad_logvar = flat.split([grad_mu.numel(), grad_logvar.numel()])
+    adam_posterior_update(
+        means, logvars, grad_mu, grad_logvar, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2,
+        eps, weight_decay,
+    )  # fmt: skip
+    options = (None, theta.dtype, False, *prior, stream)  # one sample, no KL
+    sample, _, next_state = _run("sample", device, means, logvars, *options)
+    theta.copy_(sample)
+    return next_state

@@ -155,26 +155,28 @@ class VariationalAdam(torch.optim.Optimizer):
             ops.unflatten(grad, group.means) for grad, group in zip(self._grads, groups)
         ]
         self._attach_grads()
-        for p in posterior:
-            self.state[p]["exp_avg"] = torch.zeros_like(p)
-            self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        self._moments = self._moment_lists()
+        # Adam's moments of a group in two flat buffers (the means', then the log-variances'),
+        # which the fused step reads and writes as they are; the state of each parameter holds
+        # its views.
+        self._exp_avgs = [
+            g.means[0].new_zeros(2 * t.numel()) for g, t in zip(groups, self._thetas)
+        ]
+        self._exp_avg_sqs = [torch.zeros_like(m) for m in self._exp_avgs]
+        self._bind_moments()
         model._hold(pieces)
 
-    def _moment_lists(self) -> list[tuple[list[Tensor], list[Tensor]]]:
-        r"""Per group, Adam's first and second moments of the means then the log-variances, as
-        the step takes them (gathered once, not every step)."""
+    def _bind_moments(self) -> None:
+        r"""Makes each posterior parameter's ``exp_avg`` and ``exp_avg_sq`` its views of the
+        group's flat moments."""
 
-        out = []
-        for group in self.model._get_groups():
+        for group, exp_avgs, exp_avg_sqs in zip(
+            self.model._get_groups(), self._exp_avgs, self._exp_avg_sqs
+        ):
             tensors = [*group.means, *group.logvars]
-            out.append(
-                (
-                    [self.state[p]["exp_avg"] for p in tensors],
-                    [self.state[p]["exp_avg_sq"] for p in tensors],
-                )
-            )
-        return out
+            views = zip(ops.unflatten(exp_avgs, tensors), ops.unflatten(exp_avg_sqs, tensors))
+            for p, (exp_avg, exp_avg_sq) in zip(tensors, views):
+                self.state[p]["exp_avg"] = exp_avg
+                self.state[p]["exp_avg_sq"] = exp_avg_sq
 
     def _attach_grads(self) -> None:
         r"""Makes every sample's .grad its view of the group's flat gradient buffer."""
@@ -238,14 +240,21 @@ class VariationalAdam(torch.optim.Optimizer):
             else:  # gradients set or freed by hand (bm.zero_grad(), say): gathered once
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pieces]
                 grad_theta = torch.cat([g.reshape(-1) for g in grads])
-            exp_avgs, exp_avg_sqs = self._moments[i]
+            average = None
+            if _data_parallel():
+                if self.model.fold_rank:
+                    average = _average  # of the gradients each rank forms with its own noise
+                else:
+                    # One sample on every rank: the gradients are linear in grad_theta.
+                    _average(grad_theta)
             self._steps[i] += 1
-            sample, rng_state = variational_adam_step(
+            self._rng_states[i] = variational_adam_step(
                 grad_theta,
                 group.means,
                 group.logvars,
-                exp_avgs,
-                exp_avg_sqs,
+                self._exp_avgs[i],
+                self._exp_avg_sqs[i],
+                self._thetas[i],  # in place: the base model's leaves are views of it
                 self._rng_states[i],
                 self._steps[i],
                 lr=lr,
@@ -255,11 +264,8 @@ class VariationalAdam(torch.optim.Optimizer):
                 kl_weight=kl_weight,
                 prior=prior,
                 stream=self.model._stream(),
-                out_dtype=self.model.sample_dtype,
-                average=_average if _data_parallel() else None,
+                average=average,
             )
-            self._thetas[i].copy_(sample)  # in place: the base model's leaves share it
-            self._rng_states[i] = rng_state
 
     def _plain_step(self, params, lr, betas, eps, weight_decay) -> None:
         with_grads = [p for p in params if p.grad is not None]
@@ -309,8 +315,17 @@ class VariationalAdam(torch.optim.Optimizer):
                 "model's groups (not a VariationalAdam's, or another model's)."
             )
         super().load_state_dict(state_dict)
-        self._moments = self._moment_lists()  # the loaded state holds new tensors
         with torch.no_grad():
+            # The loaded state holds new tensors: into the flat moments, then views again.
+            for group, exp_avgs, exp_avg_sqs in zip(
+                self.model._get_groups(), self._exp_avgs, self._exp_avg_sqs
+            ):
+                tensors = [*group.means, *group.logvars]
+                torch.cat([self.state[p]["exp_avg"].reshape(-1) for p in tensors], out=exp_avgs)
+                torch.cat(
+                    [self.state[p]["exp_avg_sq"].reshape(-1) for p in tensors], out=exp_avg_sqs
+                )
+            self._bind_moments()
             # Into the flat samples in place: the base model's leaves are views of them.
             for theta, loaded in zip(self._thetas, samples["theta"]):
                 theta.copy_(loaded)
