@@ -5,7 +5,8 @@ PTX kept), prints one row per kernel and architecture (registers, stack frame, s
 loads, f64 instructions of the PTX) and fails unless:
 
 - every kernel whose arithmetic is float32 (no ``double`` among its template arguments: the fp32,
-  fp16 and bf16 groups) uses at most 64 registers, no stack frame and no spills, and its f64
+  fp16 and bf16 groups) uses at most 64 registers (``REGISTER_BUDGETS`` names the kernels that
+  ask for more in their ``__launch_bounds__``, and why), no stack frame and no spills, and its f64
   instructions are only the adds (and conversions, moves, loads and stores) that combine the
   KL's partial sums, at most ``MAX_F64_ADDS`` adds in its PTX;
 - the PTX holds no ``.func``: the RNG and the maths are inlined (no call, no local arrays).
@@ -34,6 +35,10 @@ from pathlib import Path
 
 ARCHS = ("80", "90")
 MAX_REGISTERS = 64
+# Kernels with a larger budget: the fused Adam step keeps the gradients, the posterior, its
+# moments and two keys live at once and asks for 2 resident blocks of 256 threads (128
+# registers), not 4 (64 spill, and 80 do on sm_90).
+REGISTER_BUDGETS = {"adam_step_kernel": 128}
 MAX_F64_ADDS = 64
 # f64 instructions that move or convert values, not arithmetic.
 F64_DATA = {"mov", "ld", "st", "cvt", "selp", "shfl", "cvta"}
@@ -259,8 +264,9 @@ def main() -> int:
                         f"{where}: stack frame {r.get('stack')} B, spills "
                         f"{r.get('spill_st')}/{r.get('spill_ld')} B"
                     )
-                if r.get("registers", 0) > MAX_REGISTERS:
-                    failures.append(f"{where}: {r['registers']} registers > {MAX_REGISTERS}")
+                budget = REGISTER_BUDGETS.get(name.split("<")[0], MAX_REGISTERS)
+                if r.get("registers", 0) > budget:
+                    failures.append(f"{where}: {r['registers']} registers > {budget}")
                 if f64["other"]:
                     failures.append(
                         f"{where}: f64 arithmetic besides adds: {', '.join(sorted(f64['ops']))}"

@@ -13,7 +13,7 @@ import torch
 import warnings
 
 from . import _compat
-from ._schemas import KERNEL_SUFFIX, OP_NAMES
+from ._schemas import KERNEL_SUFFIX, SCHEMAS
 
 BACKENDS = ("torch", "cpp", "cuda")
 _COMPILED = {"cpu": "cpp", "cuda": "cuda"}
@@ -86,7 +86,7 @@ def has_kernel(device_type: str) -> bool:
     key = "CPU" if device_type == "cpu" else "CUDA"
 
     return all(
-        _compat.dispatch_has_kernel(f"fastbnf::{name}{KERNEL_SUFFIX}", key) for name in OP_NAMES
+        _compat.dispatch_has_kernel(f"fastbnf::{name}{KERNEL_SUFFIX}", key) for name in SCHEMAS
     )
 
 

@@ -139,14 +139,18 @@ def test_the_next_sample_comes_from_the_updated_posterior(backend):
 )
 @pytest.mark.parametrize("prior_mean", [False, True])
 def test_the_fused_step_equals_the_composed_one(backend, dtype, tolerance, prior_mean):
+    fused_and_composed_steps(dtype, tolerance, prior_mean, "cpu")
+
+
+def fused_and_composed_steps(dtype, tolerance, prior_mean, device):
     r"""One ``adam_step`` call against its parts (``sample_backward``, AdamW on the posterior,
     ``sample``; the path of data-parallel averaging) with the same keys, over many steps and
     on a group whose tensors straddle the kernels' chunks."""
 
     torch.manual_seed(0)
     sizes = [(70, 90), (5,), (4099,), (3, 3)]
-    means = [torch.randn(s, dtype=dtype) for s in sizes]
-    logvars = [torch.randn(s, dtype=dtype) * 2 - 3 for s in sizes]
+    means = [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+    logvars = [torch.randn(s, dtype=dtype, device=device) * 2 - 3 for s in sizes]
     prior = ops.Prior(
         0.5, means=[0.1 * torch.randn_like(m) for m in means] if prior_mean else None
     )
@@ -167,6 +171,19 @@ def test_the_fused_step_equals_the_composed_one(backend, dtype, tolerance, prior
         runs.append([*mu, *lv, exp_avgs, exp_avg_sqs, theta, rng_state])
     for fused, composed in zip(*runs):
         torch.testing.assert_close(fused, composed, **tolerance)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("cuda")),
+    reason="no CUDA GPU and kernel",
+)
+@pytest.mark.parametrize(
+    "dtype,tolerance",
+    [(torch.float64, dict(rtol=1e-12, atol=1e-14)), (torch.float32, dict(rtol=1e-5, atol=1e-6))],
+)
+def test_the_fused_cuda_step_equals_the_composed_one(dtype, tolerance):
+    fused_and_composed_steps(dtype, tolerance, True, "cuda")
 
 
 def test_bad_arguments_change_nothing(backend):

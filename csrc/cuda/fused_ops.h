@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/adam_math.h"
 #include "../common/group_table.h"
 
 namespace fastbnf {
@@ -97,6 +98,27 @@ struct BackwardArgs {
   void* grad_logvar = nullptr;         // (N,)
 };
 
+// The fused variational Adam step (fastbnf::adam_step): the gradients of the current sample
+// (eps from rng_state), AdamW on the means and log-variances (updated in place through the
+// table's pointers) and their moments, and the next sample (a new key) into theta.
+struct AdamArgs {
+  DType dtype = DType::kFloat32;      // of means, logvars, prior means and moments
+  DType out_dtype = DType::kFloat32;  // of theta and grad_theta: dtype, float16 or bfloat16
+  const void* table = nullptr;
+  int64_t num_tensors = 0;
+  int64_t numel = 0;
+  const void* grad_theta = nullptr;    // (N,), contiguous
+  void* exp_avgs = nullptr;            // (2 N,): the means', then the log-variances'
+  void* exp_avg_sqs = nullptr;         // (2 N,)
+  void* theta = nullptr;               // (N,)
+  const int64_t* rng_state = nullptr;  // device int64[2] of the current sample
+  int64_t* next_rng_state = nullptr;   // device int64[2], written
+  PhiloxArgs rng;                      // the next sample's key
+  double kl_weight = 0.0;
+  adam::Scalars<float> means_f, logvars_f;   // the update's scalars, for float arithmetic
+  adam::Scalars<double> means_d, logvars_d;  // and for double
+};
+
 // Bytes of the forward's workspace: the reduction's counter and one double per tile.
 size_t forward_workspace_bytes(int64_t numel);
 // Bytes at the start of the workspace that must be zero before a launch that computes the KL.
@@ -106,6 +128,7 @@ size_t forward_workspace_zero_bytes();
 // error of the non-kernel calls (the caller checks the launch).
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream);
+cudaError_t launch_adam_step(const AdamArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastbnf

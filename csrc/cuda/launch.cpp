@@ -205,6 +205,31 @@ cuda::ForwardArgs forward_args(const Group& group, cuda::ForwardMode mode, cudaS
   return args;
 }
 
+// The key of a new sample. It is taken under the generator's lock, as ATen's fused dropout
+// does; the kernel unpacks it (a captured graph then reads a fresh offset on each replay), folds
+// the stream into the seed and writes (stream seed, offset) to its rng_state for the backward.
+cuda::PhiloxArgs new_key(const Group& group, int64_t stream_id) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(group.device.index()));
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(4);
+  }
+  cuda::PhiloxArgs rng;
+  rng.stream = static_cast<uint64_t>(stream_id);
+  rng.captured = philox.captured_;
+  if (philox.captured_) {
+    rng.seed_ptr = philox.seed_.ptr;
+    rng.offset_ptr = philox.offset_.ptr;
+    rng.offset_intragraph = philox.offset_intragraph_;
+  } else {
+    rng.seed = philox.seed_.val;
+    rng.offset = philox.offset_.val;
+  }
+  return rng;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
     std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
@@ -240,26 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     args.workspace = workspace.data_ptr();
   }
 
-  // The key is taken under the generator's lock, as ATen's fused dropout does; the kernel
-  // unpacks it (a captured graph then reads a fresh offset on each replay), folds the stream
-  // into the seed and writes (stream seed, offset) to rng_state for the backward.
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(group.device.index()));
-  at::PhiloxCudaState philox;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);
-  }
-  args.rng.stream = static_cast<uint64_t>(stream_id);
-  args.rng.captured = philox.captured_;
-  if (philox.captured_) {
-    args.rng.seed_ptr = philox.seed_.ptr;
-    args.rng.offset_ptr = philox.offset_.ptr;
-    args.rng.offset_intragraph = philox.offset_intragraph_;
-  } else {
-    args.rng.seed = philox.seed_.val;
-    args.rng.offset = philox.offset_.val;
-  }
+  args.rng = new_key(group, stream_id);
 
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -374,6 +380,50 @@ at::Tensor variance_kernel(at::TensorList logvars) {
   return result;
 }
 
+at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
+                            at::TensorList logvars, const at::Tensor& exp_avgs,
+                            const at::Tensor& exp_avg_sqs, const at::Tensor& theta,
+                            const at::Tensor& rng_state, int64_t step, double lr, double beta1,
+                            double beta2, double eps, double weight_decay, double kl_weight,
+                            double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
+                            std::optional<at::TensorList> prior_means, int64_t stream_id) {
+  constexpr const char* op = "fastbnf::adam_step";
+  const PriorArgs prior{prior_var, prior_vars, prior_means};
+  const Group group = make_group(op, means, logvars, &prior);
+  const at::Tensor grad =
+      check_adam_step(op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
+  const at::Tensor state = check_rng_state(op, rng_state, group);
+  check_cuda(op, group);
+  const c10::cuda::CUDAGuard guard(group.device);
+  at::Tensor next_state =
+      at::empty({2}, at::TensorOptions().device(group.device).dtype(at::kLong));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  cuda::AdamArgs args;
+  args.dtype = to_dtype(group.dtype);
+  args.out_dtype = to_dtype(theta.scalar_type());
+  args.table = table_cache().get(group, stream);
+  args.num_tensors = static_cast<int64_t>(group.entries.size());
+  args.numel = group.numel;
+  args.grad_theta = grad.data_ptr();
+  args.exp_avgs = exp_avgs.data_ptr();
+  args.exp_avg_sqs = exp_avg_sqs.data_ptr();
+  args.theta = theta.data_ptr();
+  args.rng_state = state.data_ptr<int64_t>();
+  args.next_rng_state = next_state.data_ptr<int64_t>();
+  args.rng = new_key(group, stream_id);
+  args.kl_weight = kl_weight;
+  const adam::Hyper means_hyper{lr, beta1, beta2, eps, weight_decay, step};
+  const adam::Hyper logvars_hyper{lr, beta1, beta2, eps, 0.0, step};
+  args.means_f = adam::scalars<float>(means_hyper);
+  args.logvars_f = adam::scalars<float>(logvars_hyper);
+  args.means_d = adam::scalars<double>(means_hyper);
+  args.logvars_d = adam::scalars<double>(logvars_hyper);
+  C10_CUDA_CHECK(cuda::launch_adam_step(args, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return next_state;
+}
+
 }  // namespace
 }  // namespace fastbnf
 
@@ -383,4 +433,5 @@ TORCH_LIBRARY_IMPL(fastbnf, CUDA, m) {
   m.impl("kl_kernel", &fastbnf::kl_kernel);
   m.impl("kl_backward_kernel", &fastbnf::kl_backward_kernel);
   m.impl("variance_kernel", &fastbnf::variance_kernel);
+  m.impl("adam_step_kernel", &fastbnf::adam_step_kernel);
 }
