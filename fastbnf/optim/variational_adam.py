@@ -52,20 +52,21 @@ class VariationalAdam(torch.optim.Optimizer):
             optimizer.step()
             optimizer.zero_grad()
 
-    :meth:`step` then does the seed's loop at once (``kl_divergence()``, ``reparameterize()``,
-    ``backward()``, Adam on ``means`` and ``logvars``): it regenerates :math:`\epsilon_t` from
-    its key, adds the KL's gradients (weight :math:`\lambda`), updates the posterior and Adam's
-    moments, and draws :math:`\theta_{t+1}`. Given the same noise, the two loops are equal. The
+    :meth:`step` then does the seed's loop (``kl_divergence()``, ``reparameterize()``,
+    ``backward()``, Adam on ``means`` and ``logvars``) at once, one fused op per group: it
+    regenerates :math:`\epsilon_t` from its key, adds the KL's gradients (weight
+    :math:`\lambda`), updates the posterior and Adam's moments, and draws
+    :math:`\theta_{t+1}`. Given the same noise, the two loops are equal. The
     base model's parameters that are not Bayesian get AdamW's update. Gradients accumulated
     over several backward passes between steps all belong to one sample.
 
-    Data parallelism: in an initialized process group of several ranks, each rank forms its
-    own reparameterization gradient (with its own noise when the model's ``fold_rank`` is
-    true, the same sample everywhere otherwise), and :meth:`step` averages those gradients
-    over the ranks (one ``all_reduce`` per group, one for the non-Bayesian parameters) before
-    the identical update on every rank. Do not wrap the base model in
-    :class:`~torch.nn.parallel.DistributedDataParallel`: its averaging of the samples'
-    gradients would mix the ranks' noise.
+    Data parallelism: in an initialized process group of several ranks, :meth:`step` averages
+    over the ranks before the identical update on every rank (one ``all_reduce`` per group,
+    one for the non-Bayesian parameters). When the model's ``fold_rank`` is false, every rank
+    holds the same sample and the samples' gradients are averaged; when it is true, each rank
+    has its own noise and forms its own reparameterization gradient, and those are averaged.
+    Do not wrap the base model in :class:`~torch.nn.parallel.DistributedDataParallel`: its
+    averaging of the samples' gradients would mix the ranks' noise.
 
     The model's ``state_dict`` keeps the frozen weights under ``base.*`` (zuko's), its
     ``means``, ``logvars``, :meth:`BayesianModel.kl_divergence` and ``reparameterize()`` work as
