@@ -416,6 +416,38 @@ def memory_section(r: Results) -> list[str]:
     return out
 
 
+def step_memory_section(r: Results) -> list[str]:
+    out = []
+    for device in r.devices("step-memory"):
+        cases = r.rows["step-memory"][device]
+        contenders = order({c for row in cases.values() for c in row})
+        rows = []
+        for case in sorted(cases, key=case_key):
+            row = cases[case]
+            cells = [fmt_count(next(iter(row.values()))["size"])]
+            for c in contenders:
+                e = row.get(c)
+                cells.append(
+                    f"{e['state_bytes_per_param']:.1f} / {e['peak_bytes_per_param']:.1f}"
+                    if e
+                    else "–"
+                )
+            rows.append(cells)
+        out += [
+            f"## Memory of a training step with Adam ({device})",
+            "",
+            (
+                "Bytes per parameter held between steps / at the peak of a step, above the "
+                "process before the model (`benchmarks/step_memory.py`: CPU resident set, CUDA "
+                "allocator). A loss linear in the parameters: no activations."
+            ),
+            "",
+            *table(["params", *contenders], rows),
+            "",
+        ]
+    return out
+
+
 def predict_section(r: Results) -> list[str]:
     out = []
     for device in r.devices("predict"):
@@ -604,6 +636,7 @@ def render(
         "",
     ]
     lines += headline(r) + step_section(r) + train_section(r) + memory_section(r)
+    lines += step_memory_section(r)
     lines += predict_section(r)
     if images:
         lines += ["## Plots", ""] + [f"![{i}]({i})" for i in images] + [""]
