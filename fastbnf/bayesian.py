@@ -19,10 +19,15 @@ from typing import Any
 from . import checkpointing, ops
 from . import predict as _predict
 from ._compat import swap_parameter
+from ._sharding import fully_sharded, is_dtensor
 from .local_trick import is_trick_layer, local_linear, patched_forwards
 from .selection import select_parameters
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# The first argument of forward() that runs one of the model's own methods as its forward, so
+# that fully_shard() (FSDP2) gathers the parameters for it (BayesianModel._as_forward).
+_METHOD = object()
 
 
 @dataclass
@@ -35,6 +40,8 @@ class _Group:
     logvars: list[nn.Parameter] = field(default_factory=list)
     inits: list[Tensor] = field(default_factory=list)
     places: list[tuple[nn.Module, str, int]] = field(default_factory=list)
+    # Whether the means are shards (DTensors of fully_shard), which the ops cannot read.
+    sharded: bool = False
 
 
 def _check_finite(value: Any, argument: str) -> float:
@@ -72,19 +79,35 @@ def _base_weights_in_state_dict(model, state_dict, prefix, local_metadata) -> No
                 state_dict[key] = value if keep_vars else value.detach()
 
 
-def _swap_in(samples: list[tuple[_Group, list[Tensor]]]) -> list[tuple[nn.Module, str, Tensor]]:
-    r"""Puts the samples where the base model's selected parameters are; returns those."""
+def _swap_in(
+    samples: list[tuple[_Group, list[Tensor]]],
+) -> list[tuple[nn.Module, str, Tensor, Tensor]]:
+    r"""Puts the samples where the base model's selected parameters are; returns each slot,
+    what was there and the sample."""
 
     return [
-        (module, attribute, swap_parameter(module, attribute, views[i]))
+        (module, attribute, swap_parameter(module, attribute, views[i]), views[i])
         for group, views in samples
         for module, attribute, i in group.places
     ]
 
 
-def _swap_out(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
-    for module, attribute, original in reversed(originals):
-        swap_parameter(module, attribute, original)
+def _swap_out(swapped: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
+    for module, attribute, original, sample in reversed(swapped):
+        # Where fully_shard() (FSDP2) has put its own parameter since (its reshard after a
+        # backward run inside reparameterize()), that one stays: FSDP knows it is there.
+        if module._parameters[attribute] is sample:
+            module._parameters[attribute] = original
+
+
+def _sharded_error(group: _Group) -> RuntimeError:
+    return RuntimeError(
+        f"BayesianModel: means[{group.keys[0]!r}] is a shard (a DTensor of fully_shard(), "
+        "FSDP2) where the ops read it. Apply fully_shard() to the BayesianModel itself, "
+        "fully_shard(bm), whose methods then gather the posterior for the ops. "
+        "fastbnf.optim.VariationalAdam cannot train a sharded model: it keeps samples in the "
+        "base model's slots across steps, where FSDP puts its own parameters in every forward."
+    )
 
 
 class BayesianModel(nn.Module):
@@ -170,11 +193,13 @@ class BayesianModel(nn.Module):
         self._links = None
         # The samples an optimizer keeps in the base model's slots (fastbnf.optim), if any.
         self._held = None
+        # Whether forward() runs: fully_shard() has gathered the parameters then.
+        self._forwarding = False
         self.register_state_dict_post_hook(_base_weights_in_state_dict)
         # Built now (and again wherever they are invalidated) rather than inside the trace of a
         # compiled step, whose guard on the empty cache would fail on the next call: a
         # recompile.
-        self._get_groups()
+        self._build_groups()
 
     def _set(self, name: str, value: Any) -> None:
         r"""Sets a plain attribute past :meth:`torch.nn.Module.__setattr__`, whose checks for
@@ -199,7 +224,7 @@ class BayesianModel(nn.Module):
             )
         self._invalidate()
         result = super()._apply(fn, recurse)
-        self._get_groups()
+        self._build_groups()
         return result
 
     def __getstate__(self) -> dict[str, Any]:
@@ -214,6 +239,7 @@ class BayesianModel(nn.Module):
         state["_trick_cache"] = None
         state["_active"] = False
         state["_links"] = None
+        state["_forwarding"] = False
         return state
 
     def __deepcopy__(self, memo: dict) -> "BayesianModel":
@@ -231,12 +257,31 @@ class BayesianModel(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._get_groups()
+        self._build_groups()
 
     def _get_groups(self, skip: frozenset[str] = frozenset()) -> list[_Group]:
-        if skip in self._groups:
-            return self._groups[skip]
+        r"""The groups of the selected parameters but ``skip``, as the ops read them."""
 
+        groups = self._groups.get(skip)
+        if groups is None or not self._current(groups):
+            groups = self._build_groups(skip)
+        for group in groups:
+            if group.sharded:
+                raise _sharded_error(group)
+        return groups
+
+    def _current(self, groups: list[_Group]) -> bool:
+        r"""Whether cached groups hold the posterior's parameters as they are now.
+
+        fully_shard() (FSDP2) swaps a module's parameters between their shards and the gathered
+        tensors, all of them at once: the first mean tells.
+        """
+
+        return not groups or (
+            self._modules["means"]._parameters[groups[0].keys[0]] is groups[0].means[0]
+        )
+
+    def _build_groups(self, skip: frozenset[str] = frozenset()) -> list[_Group]:
         groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
 
         for key, name, places in self._selected:
@@ -253,6 +298,7 @@ class BayesianModel(nn.Module):
             group.means.append(mean)
             group.logvars.append(logvar)
             group.inits.append(self._original(module, attribute))
+            group.sharded = group.sharded or is_dtensor(mean)
 
         self._groups[skip] = list(groups.values())
         return self._groups[skip]
@@ -337,6 +383,45 @@ class BayesianModel(nn.Module):
             return dist.get_rank()
         return 0
 
+    # Under fully_shard() (FSDP2) the posterior is sharded outside a forward of the model. Its
+    # methods then run the ops as a forward (_as_forward): FSDP gathers the parameters before,
+    # hooks the backward of what it returns (gathered again for it, gradients reduce-scattered
+    # after it) and, the model being the root, leaves them gathered until that backward.
+
+    def _gathers(self) -> bool:
+        r"""Whether the ops must run as a forward of the model: fully_shard() manages it and
+        no forward runs yet."""
+
+        return not self._forwarding and fully_sharded(self)
+
+    def _reshards(self) -> bool:
+        r"""Whether a method that gathers the posterior must shard it again after: it is
+        sharded now, and without gradients no backward follows to do it."""
+
+        if torch.is_grad_enabled():
+            return False
+        return is_dtensor(next(iter(self._modules["means"]._parameters.values())))
+
+    def _as_forward(self, method: Callable, *args, **kwargs) -> Any:
+        r"""Runs ``method(*args, **kwargs)`` as a forward of the model."""
+
+        return self(_METHOD, method, *args, **kwargs)
+
+    def _check_slots(self, samples: list[tuple[_Group, list[Tensor]]]) -> None:
+        r"""Refuses to put samples in slots that a fully_shard() holds sharded: its forward
+        would put its own parameter back where the sample goes."""
+
+        for group, _ in samples:
+            for module, attribute, i in group.places:
+                if is_dtensor(module._parameters[attribute]):
+                    raise RuntimeError(
+                        f"BayesianModel: the base model's {group.names[i]!r} is sharded (a "
+                        "DTensor of fully_shard(), FSDP2) where its sample goes; a forward of "
+                        "its module would gather it over the sample. Shard the BayesianModel as "
+                        "the root, fully_shard(bm), and leave the selected weights out of any "
+                        "fully_shard() of the base model's modules (ignored_params)."
+                    )
+
     def _sample_groups(
         self,
         n: int | None = None,
@@ -345,8 +430,34 @@ class BayesianModel(nn.Module):
         prior_mean: Any = 0.0,
         skip: frozenset[str] = frozenset(),
     ) -> tuple[list[tuple[_Group, list[Tensor]]], Tensor | None]:
-        r"""Samples every group in one op call each, and sums their KL divergences."""
+        r"""Samples every group in one op call each, and sums their KL divergences; under
+        fully_shard(), as a forward of the model."""
 
+        if not self._gathers():
+            return self._draw(n, with_kl, prior_var, prior_mean, skip, split=True)
+
+        # The forward returns flat samples, split after it: FSDP hooks every tensor a forward
+        # returns and warns of views, and would hook the parameters in a group (a dataclass).
+        drawn = []
+
+        def draw():
+            samples, kl = self._draw(n, with_kl, prior_var, prior_mean, skip, split=False)
+            drawn.extend(group for group, _ in samples)
+            return [theta for _, theta in samples], kl
+
+        thetas, kl = self._as_forward(draw)
+        samples = [(g, ops.unflatten(theta, g.means)) for g, theta in zip(drawn, thetas)]
+        return samples, kl
+
+    def _draw(
+        self,
+        n: int | None,
+        with_kl: bool,
+        prior_var: Any,
+        prior_mean: Any,
+        skip: frozenset[str],
+        split: bool,
+    ) -> tuple[list[tuple[_Group, Tensor | list[Tensor]]], Tensor | None]:
         samples, total = [], None
         stream = self._stream()
         groups = self._get_groups(skip)
@@ -365,7 +476,7 @@ class BayesianModel(nn.Module):
                 with_kl,
                 self._prior(group, prior_var, prior_mean),
                 stream,
-                split=True,
+                split=split,
                 link=None if links is None else links[i],
             )
             samples.append((group, views))
@@ -388,15 +499,25 @@ class BayesianModel(nn.Module):
             What ``fn`` returns.
         """
 
-        if len(args) == 0 or isinstance(args[0], Tensor) or not callable(args[0]):
+        if len(args) > 0 and args[0] is _METHOD:
+            _, method, *args = args  # one of the model's methods (_as_forward)
+        elif len(args) == 0 or isinstance(args[0], Tensor) or not callable(args[0]):
             raise RuntimeError(
                 "'forward' method of BayesianModel should not be called directly. Use "
                 "'sample_model' or 'reparameterize' instead, or call it with a function "
                 "of the reparameterized model: bm(fn, *args)."
             )
+        else:
+            method = self._reparameterized
 
-        fn, *args = args
+        forwarding = self._forwarding
+        self._set("_forwarding", True)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._set("_forwarding", forwarding)
 
+    def _reparameterized(self, fn: Callable, *args, **kwargs) -> Any:
         with self.reparameterize() as module:
             return fn(module, *args, **kwargs)
 
@@ -413,7 +534,10 @@ class BayesianModel(nn.Module):
 
         n = _predict.check_positive(n, "n", optional=True)
 
+        reshard = self._gathers() and self._reshards()
         samples, _ = self._sample_groups(n=n)
+        if reshard:
+            self.reshard()
 
         return {name: view for group, views in samples for name, view in zip(group.names, views)}
 
@@ -442,6 +566,17 @@ class BayesianModel(nn.Module):
         samples = _predict.check_positive(samples, "samples")
         chunk_size = _predict.check_positive(chunk_size, "chunk_size", optional=True)
 
+        if not self._gathers():
+            return self._predict(args, samples, chunk_size, kwargs)
+
+        # The base model's other parameters are gathered for its forward too.
+        reshard = self._reshards()
+        outputs = self._as_forward(self._predict, args, samples, chunk_size, kwargs)
+        if reshard:
+            self.reshard()
+        return outputs
+
+    def _predict(self, args: tuple, samples: int, chunk_size: int | None, kwargs: dict) -> Any:
         params = self.sample_params(n=samples)
 
         return _predict.predict(self.base, params, *args, chunk_size=chunk_size, **kwargs)
@@ -457,6 +592,12 @@ class BayesianModel(nn.Module):
             This method should not be used for training as it cannot propagate gradients
             to the Bayesian model's internal parameters.
         """
+
+        if fully_sharded(self):
+            raise NotImplementedError(
+                "BayesianModel.sample_model() copies the base model, whose parameters "
+                "fully_shard() (FSDP2) holds sharded; use sample_params() or predict()."
+            )
 
         with torch.no_grad():
             params = self.sample_params()
@@ -520,6 +661,15 @@ class BayesianModel(nn.Module):
 
         self._check_prior(prior_var, prior_mean)
 
+        sharded = fully_sharded(self)
+        gathers = sharded and not self._forwarding
+        if gathers and local_trick:
+            raise NotImplementedError(
+                "reparameterize(local_trick=True) is not supported under fully_shard() (FSDP2): "
+                "its layers read the posterior outside the op calls that gather it."
+            )
+        reshard = gathers and self._reshards()
+
         layers, skip, others = self._trick_plan() if local_trick else ({}, frozenset(), None)
         samples, kl = self._sample_groups(
             with_kl=return_kl, prior_var=prior_var, prior_mean=prior_mean, skip=skip
@@ -533,6 +683,8 @@ class BayesianModel(nn.Module):
 
         # Straight-line code rather than nested context managers: this runs every step.
         try:
+            if sharded:
+                self._check_slots(samples)
             originals = _swap_in(samples)
             with self._trick(layers, others) if layers else nullcontext({}) as forwards:
                 # Lets activation checkpointing reinstall the samples for a recomputation.
@@ -544,6 +696,8 @@ class BayesianModel(nn.Module):
         finally:
             _swap_out(originals)
             self._set("_active", False)
+            if reshard:
+                self.reshard()
 
     @contextmanager
     def _swapped(self, samples: list[tuple[_Group, list[Tensor]]]) -> Iterator[None]:
@@ -668,6 +822,16 @@ class BayesianModel(nn.Module):
 
         self._check_prior(prior_var, prior_mean)
 
+        if not self._gathers():
+            return self._linked_kl(prior_var, prior_mean)
+
+        reshard = self._reshards()
+        kl = self._as_forward(self._linked_kl, prior_var, prior_mean)
+        if reshard:
+            self.reshard()
+        return kl
+
+    def _linked_kl(self, prior_var: Any, prior_mean: Any) -> Tensor:
         # The next sample of the same groups shares this KL's backward (ops.Link): the
         # seed-style step then costs what reparameterize(return_kl=True) does.
         groups = self._get_groups()
@@ -719,7 +883,7 @@ class BayesianModel(nn.Module):
         try:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
             self._invalidate()
-            self._get_groups()
+            self._build_groups()
         finally:
             if held is not None:
                 self._hold(held.pieces)
