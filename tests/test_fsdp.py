@@ -94,7 +94,7 @@ def train(bm, wrapped, rank, step_fn) -> dict[str, torch.Tensor]:
 
 
 def full_state(bm) -> dict[str, torch.Tensor]:
-    if isinstance(next(iter(bm.parameters())), DTensor):
+    if any(isinstance(p, DTensor) for p in bm.parameters()):
         return get_model_state_dict(bm, options=full())  # a collective: every rank gets it
     return {k: v.detach().clone() for k, v in bm.state_dict().items()}
 
@@ -143,6 +143,13 @@ def ranks_train(rank: int, init_file: str, backend: str) -> None:
     bm = make()
     fully_shard(bm.base[2], ignored_params={bm.base[2].weight})
     fully_shard(bm)
+    assert_same(train(bm, bm, rank, seed_style), expected)
+
+    # The frozen base weights left out: replicated, never gathered.
+    bm = make()
+    frozen = {p for p in bm.base.parameters() if not p.requires_grad}
+    fully_shard(bm, ignored_params=frozen)
+    assert not isinstance(bm.base[0].weight, DTensor)
     assert_same(train(bm, bm, rank, seed_style), expected)
 
     # DistributedDataParallel, the same steps.
