@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import fastbnf
@@ -61,7 +62,8 @@ def train(
     # Seeded alike: every rank builds the same model, which fully_shard() then splits.
     torch.manual_seed(0)
     bm = fastbnf.BayesianModel(mlp(width).to(device), init_logvar=-9.0)
-    fully_shard(bm)
+    # The mesh's device type said: by default it is CUDA wherever CUDA is, even under gloo.
+    fully_shard(bm, mesh=init_device_mesh(torch.device(device).type, (dist.get_world_size(),)))
     optimizer = torch.optim.Adam(bm.parameters(), lr=lr)  # the shards: 1 / world per rank
 
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches

@@ -24,6 +24,7 @@ if dist.is_available():
         get_model_state_dict,
         set_model_state_dict,
     )
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -32,6 +33,13 @@ WORLD = ranks.WORLD
 KL_WEIGHT = 1e-3
 # fp32: the ranks' mean of two half-batch gradients is rounded unlike the whole batch's.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def shard(module: nn.Module, **kwargs) -> nn.Module:
+    r"""fully_shard() over the CPU ranks: its default mesh is on CUDA wherever CUDA is."""
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    return fully_shard(module, mesh=mesh, **kwargs)
 
 
 def full() -> "StateDictOptions":
@@ -129,26 +137,26 @@ def ranks_train(rank: int, init_file: str, backend: str) -> None:
 
     # Seed-style: kl_divergence() and reparameterize() outside any forward.
     bm = make()
-    fully_shard(bm)
+    shard(bm)
     assert isinstance(bm.means["0-weight"], DTensor)
     assert_same(train(bm, bm, rank, seed_style), expected)
 
     # Through the model's forward.
     bm = make()
-    fully_shard(bm)
+    shard(bm)
     assert_same(train(bm, bm, rank, through_forward), expected)
 
     # A layer of the base model sharded on its own, its selected weight left out (the
     # BayesianModel reads it), the BayesianModel as the root.
     bm = make()
-    fully_shard(bm.base[2], ignored_params={bm.base[2].weight})
-    fully_shard(bm)
+    shard(bm.base[2], ignored_params={bm.base[2].weight})
+    shard(bm)
     assert_same(train(bm, bm, rank, seed_style), expected)
 
     # The frozen base weights left out: replicated, never gathered.
     bm = make()
     frozen = {p for p in bm.base.parameters() if not p.requires_grad}
-    fully_shard(bm, ignored_params=frozen)
+    shard(bm, ignored_params=frozen)
     assert not isinstance(bm.base[0].weight, DTensor)
     assert_same(train(bm, bm, rank, seed_style), expected)
 
@@ -192,7 +200,7 @@ def ranks_methods(rank: int, init_file: str, checkpoint: str, backend: str) -> N
     ranks.init(rank, init_file)
 
     alone, bm = make(), make()
-    fully_shard(bm)
+    shard(bm)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
 
     # kl_divergence() without gradients, with priors.
@@ -245,7 +253,7 @@ def ranks_methods(rank: int, init_file: str, checkpoint: str, backend: str) -> N
     state = get_model_state_dict(bm, options=full())
     assert_same(state, alone.state_dict(), rtol=0, atol=0)
     other = make(seed=1)
-    fully_shard(other)
+    shard(other)
     set_model_state_dict(other, dict(state), options=full())  # it puts shards in the dict
     assert_same(get_model_state_dict(other, options=full()), state, rtol=0, atol=0)
     torch.testing.assert_close(other.kl_divergence(), alone.kl_divergence())
@@ -253,7 +261,7 @@ def ranks_methods(rank: int, init_file: str, checkpoint: str, backend: str) -> N
     # torch.distributed.checkpoint: each rank saves and loads its shards.
     dcp.save(get_model_state_dict(bm), checkpoint_id=checkpoint)
     other = make(seed=2)
-    fully_shard(other)
+    shard(other)
     shards = get_model_state_dict(other)
     dcp.load(shards, checkpoint_id=checkpoint)
     set_model_state_dict(other, shards)
@@ -293,8 +301,8 @@ def ranks_refuse(rank: int, init_file: str) -> None:
 
     # A sharded selected weight would be gathered over its sample by its module's forward.
     bm = make()
-    fully_shard(bm.base[0])
-    fully_shard(bm)
+    shard(bm.base[0])
+    shard(bm)
     with pytest.raises(RuntimeError, match="'0.weight' is sharded"):
         with bm.reparameterize():
             pass
@@ -305,7 +313,7 @@ def ranks_refuse(rank: int, init_file: str) -> None:
     # A BayesianModel inside a sharded model, not sharded itself: its posterior is shards
     # outside the outer forward.
     bm = make()
-    fully_shard(nn.Sequential(bm))
+    shard(nn.Sequential(bm))
     with pytest.raises(RuntimeError, match="fully_shard\\(bm\\)"):
         bm.kl_divergence()
 
