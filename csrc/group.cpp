@@ -38,6 +38,11 @@ const void* readable(const char* op, const char* list, size_t t, const at::Tenso
 
 }  // namespace
 
+bool is_sample_dtype(at::ScalarType dtype, const Group& group) {
+  return dtype == group.dtype || dtype == at::kHalf || dtype == at::kBFloat16 ||
+         dtype == at::kFloat;
+}
+
 bool is_posterior_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
          dtype == at::kBFloat16;
@@ -111,9 +116,9 @@ int64_t check_samples(const char* op, std::optional<int64_t> n) {
 at::ScalarType check_out_dtype(const char* op, std::optional<at::ScalarType> out_dtype,
                                const Group& group) {
   const at::ScalarType dtype = out_dtype.value_or(group.dtype);
-  FASTBNF_CHECK_TYPE(dtype == group.dtype || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                     ": out_dtype must be torch.float16, torch.bfloat16 or the group's dtype (",
-                     group.dtype, "), got ", dtype);
+  FASTBNF_CHECK_TYPE(is_sample_dtype(dtype, group), op,
+                     ": out_dtype must be torch.float16, torch.bfloat16, torch.float32 or the ",
+                     "group's dtype (", group.dtype, "), got ", dtype);
   return dtype;
 }
 
@@ -129,9 +134,7 @@ at::Tensor check_grad_theta(const char* op, const at::Tensor& grad_theta, const 
                       op, ": grad_theta has shape ", grad_theta.sizes(), ", expected (", N,
                       ",) or (n, ", N, ")");
   at::Tensor grad = grad_theta;
-  if (dtype != group.dtype && dtype != at::kHalf && dtype != at::kBFloat16) {
-    grad = grad.to(group.dtype);
-  }
+  if (!is_sample_dtype(dtype, group)) grad = grad.to(group.dtype);
   return grad.contiguous();
 }
 
@@ -188,9 +191,8 @@ at::Tensor check_adam_step(const char* op, const Group& group, at::TensorList me
   check_state(op, "exp_avg_sqs", exp_avg_sqs, group, 2 * N,
               exp_avg_sqs.scalar_type() == group.dtype, group_dtype.c_str());
   const at::ScalarType out = theta.scalar_type();
-  check_state(op, "theta", theta, group, N,
-              out == group.dtype || out == at::kHalf || out == at::kBFloat16,
-              "the group's dtype, torch.float16 or torch.bfloat16");
+  check_state(op, "theta", theta, group, N, is_sample_dtype(out, group),
+              "the group's dtype, torch.float16, torch.bfloat16 or torch.float32");
   FASTBNF_CHECK_VALUE(is_posterior_dtype(grad_theta.scalar_type()) &&
                           grad_theta.device() == group.device && grad_theta.dim() == 1 &&
                           grad_theta.size(0) == N,

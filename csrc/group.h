@@ -9,9 +9,10 @@
 //   (a copy), so is a non-contiguous one (made contiguous): parameters change layout and dtype
 //   after wrapping (.to(memory_format=...), load_state_dict(assign=True)).
 // - arithmetic: float32 for float16, bfloat16 and float32 groups, float64 for float64 ones.
-// - samples: the group's dtype, float16 or bfloat16 (rounded once from the arithmetic's value).
-// - gradients of the samples: any floating dtype (the group's, float16 and bfloat16 are read
-//   in place, others converted once); results: the group's dtype.
+// - samples: the group's dtype, float16, bfloat16 or float32 (rounded once from the
+//   arithmetic's value; float32 is for a float16 or bfloat16 posterior of a float32 model).
+// - gradients of the samples: any floating dtype (the group's, float16, bfloat16 and float32
+//   are read in place, float64 converted once); results: the group's dtype.
 //
 // Messages are built without iostreams (message.h): a libstdc++ that differs from the one torch
 // was built with must not turn a bad input into a crash.
@@ -45,6 +46,10 @@ struct Group {
 
 // Whether a dtype is one of the contract's floating dtypes (float16, bfloat16, float32, float64).
 bool is_posterior_dtype(at::ScalarType dtype);
+
+// Whether the kernels store samples, and read their gradients, in a dtype as they are: the
+// group's, float16, bfloat16 or float32 (a float16 or bfloat16 posterior of a float32 model).
+bool is_sample_dtype(at::ScalarType dtype, const Group& group);
 
 // Checks a group and builds its table. op is the public op's name ("fastbnf::sample"); means
 // is absent for the ops that read none (variance), prior for those that use no prior.

@@ -10,7 +10,8 @@ The dtype contract:
   group's dtype is that of its first tensor; a tensor of another floating dtype is converted to
   it, so is a non-contiguous one (made contiguous).
 * arithmetic: float32 for float16, bfloat16 and float32 groups, float64 for float64 ones.
-* samples: the group's dtype, float16 or bfloat16.
+* samples: the group's dtype, float16, bfloat16 or float32 (the last for a 16-bit posterior of
+  a float32 model).
 * gradients of the samples: any floating dtype; results are in the group's dtype.
 """
 
@@ -155,12 +156,19 @@ def check_out_dtype(op: str, out_dtype: torch.dtype | None, group: Group) -> tor
     r"""Returns the dtype of the samples."""
 
     dtype = group.dtype if out_dtype is None else out_dtype
-    if dtype not in (group.dtype, torch.float16, torch.bfloat16):
+    if not is_sample_dtype(dtype, group):
         raise TypeError(
-            f"{op}: out_dtype must be torch.float16, torch.bfloat16 or the group's dtype "
-            f"({group.dtype}), got {dtype}"
+            f"{op}: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or the "
+            f"group's dtype ({group.dtype}), got {dtype}"
         )
     return dtype
+
+
+def is_sample_dtype(dtype: torch.dtype, group: Group) -> bool:
+    r"""Whether samples are stored, and their gradients read, in a dtype as it is: the group's,
+    float16, bfloat16 or float32."""
+
+    return dtype in (group.dtype, torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_grad_theta(op: str, grad_theta: Tensor, group: Group) -> Tensor:
@@ -260,8 +268,8 @@ def check_adam_step(
         theta,
         group,
         n,
-        theta.dtype in (group.dtype, torch.float16, torch.bfloat16),
-        "the group's dtype, torch.float16 or torch.bfloat16",
+        is_sample_dtype(theta.dtype, group),
+        "the group's dtype, torch.float16, torch.bfloat16 or torch.float32",
     )
     if not (
         grad_theta.dtype in POSTERIOR_DTYPES

@@ -140,8 +140,8 @@ def bad_inputs(device: str) -> list[tuple[str, tuple, type, str]]:
             (means, logvars, None, torch.int32, False, *prior, 0),
             TypeError,
             (
-                r"fastbnf::sample: out_dtype must be torch.float16, torch.bfloat16 or the group's "
-                r"dtype \(torch.float32\), got torch.int32"
+                r"fastbnf::sample: out_dtype must be torch.float16, torch.bfloat16, torch.float32 "
+                r"or the group's dtype \(torch.float32\), got torch.int32"
             ),
         ),
         (
@@ -296,6 +296,18 @@ def test_low_precision_groups_compute_in_float32(on, dtype):
     for a, b in zip(grads, grads32):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype))
     assert torch.equal(OPS.variance(logvars), OPS.variance(wide[1]).to(dtype))
+
+    # float32 samples of the 16-bit posterior (for a float32 model): the float32 results as
+    # they are, and float32 gradients read as they are.
+    theta_f, _, state_f = same_noise(
+        lambda: OPS.sample(means, logvars, 2, torch.float32, True, 1.0, None, None, 0)
+    )
+    assert theta_f.dtype == torch.float32 and torch.equal(theta_f, theta32)
+    g32 = torch.randn(theta.shape, device=device)
+    grads_f = OPS.sample_backward(g32, one, means, logvars, state_f, True, 1.0, None, None)
+    grads32 = OPS.sample_backward(g32, one.float(), *wide, state32, True, 1.0, None, None)
+    for a, b in zip(grads_f, grads32):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
 
 
 # Through a model, as a user meets them.

@@ -209,15 +209,17 @@ inline void dispatch_group(at::ScalarType dtype, const F& f) {
   }
 }
 
-// f(U{}) for a dtype that is T, float16 or bfloat16 (group.h guarantees no other).
+// f(U{}) for a dtype that is T, float16, bfloat16 or float32 (group.h guarantees no other).
 template <typename T, typename F>
 inline void dispatch_like(at::ScalarType dtype, at::ScalarType group_dtype, const F& f) {
   if (dtype == group_dtype) {
     f(T{});
   } else if (dtype == at::kHalf) {
     f(c10::Half{});
-  } else {
+  } else if (dtype == at::kBFloat16) {
     f(c10::BFloat16{});
+  } else {
+    f(float{});
   }
 }
 

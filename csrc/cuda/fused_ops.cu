@@ -1087,15 +1087,17 @@ void dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
-// The stored types a kernel pairs with a group's T: T itself, float16 or bfloat16.
+// The stored types a kernel pairs with a group's T: T itself, float16, bfloat16 or float32.
 template <typename T, typename F>
 void dispatch_narrow(DType group, DType other, F&& f) {
   if (other == group) {
     f(T{});
   } else if (other == DType::kFloat16) {
     f(__half{});
-  } else {
+  } else if (other == DType::kBFloat16) {
     f(__nv_bfloat16{});
+  } else {
+    f(float{});
   }
 }
 
