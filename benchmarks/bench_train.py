@@ -120,13 +120,30 @@ def transformer(device, quick):
     return model, ("",), objective
 
 
+def mlp_100m(device, quick):
+    r"""6 Linear layers of width 4096 with ReLU (100.7M parameters), all Bayesian: the GPU's
+    large case (on a GPU only)."""
+
+    width = 128 if quick else 4096
+    x = torch.randn(64, width, device=device)
+    y = torch.randn(64, width, device=device)
+    layers = []
+    for i in range(6):
+        layers += [nn.Linear(width, width)] + ([nn.ReLU()] if i < 5 else [])
+    model = nn.Sequential(*layers).to(device)
+    return model, ("",), (lambda m: (m(x) - y).square().mean())
+
+
 CASES = {
     "sorting-mlp": sorting,
     "two-moons-nsf": moons,
     "partial-stack-8M": partial_stack,
     "mlp-8x1024": mlp_8x1024,
     "transformer-5M": transformer,
+    "mlp-100M": mlp_100m,
 }
+# Cases too large for a CPU run.
+GPU_ONLY = {"mlp-100M"}
 
 
 def pytest_generate_tests(metafunc):
@@ -135,6 +152,8 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for device in devices():
         for case in CASES:
+            if case in GPU_ONLY and device != "cuda":
+                continue
             optim = [f"{b}-optim" for b in backends_for(device)]
             for contender in ["plain", *bayesian_contenders(device), *optim]:
                 params.append((device, case, contender))

@@ -75,11 +75,12 @@ if [[ -d benchmarks ]] && ls benchmarks/*.py >/dev/null 2>&1 && "$py" -c "import
   say "== pytest benchmarks -k cuda"
   t=$(date +%s)
   # The cases the GPU record needs (the whole GPU sweep, 1B parameters included, takes far
-  # longer); BENCH_K picks others. SIGINT at the limit still writes the JSON of what ran.
+  # longer); BENCH_K picks others, BENCH_TIMEOUT their limit in seconds. SIGINT at the limit
+  # still writes the JSON of what ran.
   # size-1e+08 holds the seed-style step of fastbnf against zuko's at 100M parameters.
   # test_captured: the same steps captured in a CUDA graph (bench_graph.py).
   bench_k=${BENCH_K:-"(cuda and (copy_bandwidth or (step and (tutorial-mlp or tensors-500x1000 or size-1e+08)))) or test_captured"}
-  timeout -s INT 100 "$py" -m pytest benchmarks -k "$bench_k" -q -p no:cacheprovider \
+  timeout -s INT "${BENCH_TIMEOUT:-100}" "$py" -m pytest benchmarks -k "$bench_k" -q -p no:cacheprovider \
     --benchmark-json="$bench_json" >"$out/benchmarks-cuda.txt" 2>&1
   bench_rc=$?
   [[ $bench_rc == 5 ]] && bench_rc="none collected"
