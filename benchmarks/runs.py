@@ -86,8 +86,11 @@ def render(runs: list[dict], title: str, command: str) -> str:
         ]
         for c in contenders:
             times = [m[group][c] for m in per_run if c in m.get(group, {})]
-            vs_zuko = [m[group]["zuko"] / m[group][c] for m in per_run if c in m[group]]
-            vs_zuko = vs_zuko if "zuko" in per_run[0][group] else []
+            vs_zuko = [
+                m[group]["zuko"] / m[group][c]
+                for m in per_run
+                if c in m[group] and "zuko" in m[group]
+            ]
             over = [
                 m[group][c] / m[group]["leaves"]
                 for m in per_run

@@ -23,7 +23,7 @@ from ._sharding import fully_sharded, is_dtensor
 from .local_trick import is_trick_layer, local_linear, patched_forwards
 from .selection import select_parameters
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The first argument of forward() that runs one of the model's own methods as its forward, so
 # that fully_shard() (FSDP2) gathers the parameters for it (BayesianModel._as_forward).
@@ -42,6 +42,23 @@ class _Group:
     places: list[tuple[nn.Module, str, int]] = field(default_factory=list)
     # Whether the means are shards (DTensors of fully_shard), which the ops cannot read.
     sharded: bool = False
+
+
+def _samples_of(selected, posterior_dtype: torch.dtype, sample_dtype: torch.dtype | None):
+    r"""The dtype of the samples of a posterior in ``posterior_dtype``: ``sample_dtype``, or the
+    selected parameters' own (one for all, which the kernels can store)."""
+
+    if sample_dtype is not None:
+        return sample_dtype
+    dtypes = {s.param.dtype for s in selected}
+    if len(dtypes) != 1 or not dtypes <= {*_SAMPLE_DTYPES}:
+        raise ValueError(
+            f"posterior_dtype={posterior_dtype} samples in the selected parameters' dtype, "
+            f"which must be one of torch.float16, torch.bfloat16 and torch.float32 for all of "
+            f"them, got {sorted(map(str, dtypes))}; give sample_dtype."
+        )
+    dtype = dtypes.pop()
+    return None if dtype == posterior_dtype else dtype
 
 
 def _check_finite(value: Any, argument: str) -> float:
@@ -127,10 +144,22 @@ class BayesianModel(nn.Module):
             star `**` matches dot-separated alphanumeric strings (`[a-zA-Z0-9_\.]+`). By
             default, all parameters are included.
         exclude_params: A list of parameter name prefixes to exclude.
-        sample_dtype: The dtype of the sampled parameters (:py:`torch.float16` or
-            :py:`torch.bfloat16`), by default that of the posterior.
+        sample_dtype: The dtype of the sampled parameters (:py:`torch.float16`,
+            :py:`torch.bfloat16` or :py:`torch.float32`), by default that of the posterior,
+            or of the base model's selected parameters with ``posterior_dtype``.
         fold_rank: Whether each rank of an initialized :mod:`torch.distributed` group draws
             its own noise (the rank is folded into the key).
+        posterior_dtype: The dtype of ``means`` and ``logvars``: :py:`torch.bfloat16`, or by
+            default that of the selected parameters. The kernels compute in float32; the
+            samples keep the base model's dtype. Half the memory of the posterior, its
+            gradients and Adam's moments, at the cost of their precision (see
+            ``docs/beyond_zuko.md``). Not float16, whose range fails Adam (its ``eps`` of
+            1e-8 rounds to 0 in float16 moments).
+        keep_base_weights: Whether the base model keeps its own copy of the selected weights.
+            Without it, the base model's selected slots hold the posterior means themselves
+            (what a deterministic model uses, and the same storage: 4 bytes per float32
+            parameter saved); the state dict keeps zuko's keys, with the means under the base
+            model's; ``prior_mean="init"`` is then unavailable.
     """
 
     def __init__(
@@ -141,18 +170,34 @@ class BayesianModel(nn.Module):
         exclude_params: Sequence[str] = (),
         sample_dtype: torch.dtype | None = None,
         fold_rank: bool = True,
+        posterior_dtype: torch.dtype | None = None,
+        keep_base_weights: bool = True,
     ) -> None:
         init_logvar = _check_finite(init_logvar, "init_logvar")
 
-        if not isinstance(fold_rank, bool):
-            raise ValueError(f"fold_rank must be True or False, got {fold_rank!r}.")
+        for flag, value in (("fold_rank", fold_rank), ("keep_base_weights", keep_base_weights)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}.")
 
-        if sample_dtype is not None and sample_dtype not in _LOW_PRECISION:
+        if sample_dtype is not None and sample_dtype not in _SAMPLE_DTYPES:
             raise ValueError(
-                f"sample_dtype must be None, torch.float16 or torch.bfloat16, got {sample_dtype}."
+                "sample_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, "
+                f"got {sample_dtype}."
+            )
+        if posterior_dtype is not None and posterior_dtype != torch.bfloat16:
+            raise ValueError(
+                f"posterior_dtype must be None or torch.bfloat16, got {posterior_dtype}."
             )
 
         selected = select_parameters(base, include_params, exclude_params)
+        if posterior_dtype is not None:
+            sample_dtype = _samples_of(selected, posterior_dtype, sample_dtype)
+            if not keep_base_weights:
+                raise ValueError(
+                    "keep_base_weights=False puts the means in the base model's slots: they "
+                    "must keep the base model's dtype, not posterior_dtype="
+                    f"{posterior_dtype}."
+                )
 
         for s in selected:
             if abs(init_logvar) > torch.finfo(s.param.dtype).max:
@@ -166,18 +211,16 @@ class BayesianModel(nn.Module):
         self.base = base
         self.sample_dtype = sample_dtype
         self.fold_rank = fold_rank
+        self.keep_base_weights = keep_base_weights
 
         self.means = nn.ParameterDict()
         self.logvars = nn.ParameterDict()
 
         for s in selected:
             # Contiguous, so that the ops read them in place (they copy any other layout).
-            self.means[s.key] = nn.Parameter(
-                torch.empty_like(s.param, memory_format=torch.contiguous_format)
-            )
-            self.logvars[s.key] = nn.Parameter(
-                torch.empty_like(s.param, memory_format=torch.contiguous_format)
-            )
+            like = dict(memory_format=torch.contiguous_format, dtype=posterior_dtype)
+            self.means[s.key] = nn.Parameter(torch.empty_like(s.param, **like))
+            self.logvars[s.key] = nn.Parameter(torch.empty_like(s.param, **like))
 
         # Same order of draws as zuko, so that a seed initializes both alike.
         with torch.no_grad():
@@ -185,6 +228,9 @@ class BayesianModel(nn.Module):
                 self.means[s.key].copy_(s.param)
                 self.logvars[s.key].normal_(init_logvar, 1e-3)
                 s.param.requires_grad_(False)
+                if not keep_base_weights:
+                    for module, attribute in s.places:
+                        swap_parameter(module, attribute, self.means[s.key])
 
         self._selected = [(s.key, s.name, s.places) for s in selected]
         self._groups = {}
@@ -256,6 +302,7 @@ class BayesianModel(nn.Module):
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("keep_base_weights", True)  # pickled before the option existed
         super().__setstate__(state)
         self._build_groups()
 
@@ -363,11 +410,17 @@ class BayesianModel(nn.Module):
         elif _check_finite(prior_var, "prior_var") <= 0:
             raise ValueError(f"prior_var must be positive, got {prior_var!r}.")
 
-        if not (isinstance(prior_mean, str) and prior_mean == "init") and not (
+        init = isinstance(prior_mean, str) and prior_mean == "init"
+        if not init and not (
             isinstance(prior_mean, Real) and not isinstance(prior_mean, bool) and prior_mean == 0
         ):
             raise ValueError(
                 f"prior_mean must be 0.0 or 'init' (the base model's weights), got {prior_mean!r}."
+            )
+        if init and not self.keep_base_weights:
+            raise ValueError(
+                "prior_mean='init' needs the base model's weights, which this model does not "
+                "keep (keep_base_weights=False)."
             )
 
     def _prior(self, group: _Group, prior_var: Any, prior_mean: Any) -> ops.Prior:

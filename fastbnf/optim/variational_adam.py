@@ -119,7 +119,10 @@ class VariationalAdam(torch.optim.Optimizer):
 
         groups = model._get_groups()
         posterior = [p for g in groups for p in (*g.means, *g.logvars)]
-        others = [p for p in model.base.parameters() if p.requires_grad]
+        # The base model's own trained parameters (its slots may hold the means themselves,
+        # keep_base_weights=False: those are the posterior's).
+        ids = {id(p) for p in posterior}
+        others = [p for p in model.base.parameters() if p.requires_grad and id(p) not in ids]
         param_groups = [{"params": posterior, "posterior": True}]
         if others:
             param_groups.append({"params": others, "posterior": False})
