@@ -17,8 +17,10 @@ allocator keeps after freeing it counts as held; on CUDA, ``torch.cuda.memory_al
 otherwise lend its freed memory to the next.
 
 Contenders: ``plain`` (the MLP itself, Adam on its weights), ``zuko`` and the fastbnf backends'
-seed-style loop (Adam on ``means`` and ``logvars``), and ``<backend>-optim``
-(:class:`fastbnf.optim.VariationalAdam`).
+seed-style loop (Adam on ``means`` and ``logvars``), ``<backend>-optim``
+(:class:`fastbnf.optim.VariationalAdam`), and the seed-style loop with the memory options,
+``<backend>-nobase`` (``keep_base_weights=False``) and ``<backend>-bf16``
+(``posterior_dtype=torch.bfloat16``).
 """
 
 import json
@@ -64,6 +66,13 @@ class _Meter:
         return _rss("VmHWM")
 
 
+# Contenders <backend>-<option>: BayesianModel's memory options.
+_OPTIONS = {
+    "nobase": {"keep_base_weights": False},
+    "bf16": {"posterior_dtype": torch.bfloat16},
+}
+
+
 def _step_fn(contender: str, base: torch.nn.Module):
     r"""One training step of the contender, and the number of trained parameters."""
 
@@ -80,7 +89,12 @@ def _step_fn(contender: str, base: torch.nn.Module):
         optimizer = VariationalAdam(wrap(backend, base), lr=1e-4, kl_weight=1e-6)
         loss = loss_fn
     else:
-        bm = wrap(backend, base)
+        if mode in _OPTIONS:  # fastbnf's memory options, with the seed's loop
+            import fastbnf
+
+            bm = fastbnf.BayesianModel(base, **_OPTIONS[mode])
+        else:
+            bm = wrap(backend, base)
         optimizer = torch.optim.Adam(bm.parameters(), lr=1e-4)
 
         def loss():

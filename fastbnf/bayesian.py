@@ -153,8 +153,8 @@ class BayesianModel(nn.Module):
             default that of the selected parameters. The kernels compute in float32; the
             samples keep the base model's dtype. Half the memory of the posterior, its
             gradients and Adam's moments, at the cost of their precision (see
-            ``docs/beyond_zuko.md``). Not float16, whose range fails Adam (its ``eps`` of
-            1e-8 rounds to 0 in float16 moments).
+            ``docs/beyond_zuko.md``). Not float16: its range fails Adam (an ``eps`` of 1e-8
+            rounds to 0 in float16 moments).
         keep_base_weights: Whether the base model keeps its own copy of the selected weights.
             Without it, the base model's selected slots hold the posterior means themselves
             (what a deterministic model uses, and the same storage: 4 bytes per float32
