@@ -122,8 +122,9 @@ def _sharded_error(group: _Group) -> RuntimeError:
         f"BayesianModel: means[{group.keys[0]!r}] is a shard (a DTensor of fully_shard(), "
         "FSDP2) where the ops read it. Apply fully_shard() to the BayesianModel itself, "
         "fully_shard(bm), whose methods then gather the posterior for the ops. "
-        "fastbnf.optim.VariationalAdam cannot train a sharded model: it keeps samples in the "
-        "base model's slots across steps, where FSDP puts its own parameters in every forward."
+        "fastbnf.optim.VariationalAdam keeps the posterior whole: create it first, then apply "
+        "fully_shard() to the base model or its modules (fully_shard(bm.base)), which shards "
+        "the samples it keeps there."
     )
 
 

@@ -274,7 +274,7 @@ def ranks_methods(rank: int, init_file: str, checkpoint: str, backend: str) -> N
         assert_same(drawn, alone.sample_params(), rtol=0, atol=0)
 
     # What cannot work under FSDP says so.
-    with pytest.raises(RuntimeError, match="VariationalAdam cannot train a sharded model"):
+    with pytest.raises(RuntimeError, match="Create the optimizer first"):
         fastbnf.optim.VariationalAdam(bm, lr=1e-3)
     with pytest.raises(NotImplementedError, match="local_trick"):
         with bm.reparameterize(local_trick=True):
@@ -322,6 +322,161 @@ def ranks_refuse(rank: int, init_file: str) -> None:
 
 def test_fsdp_refuses_what_it_cannot_compute(tmp_path: Path):
     ranks.run(ranks_refuse, str(tmp_path / "init"), preload=("torch", "fastbnf"))
+
+
+# The fused variational optimizer: it keeps the posterior, its moments and the samples whole on
+# every rank; fully_shard() of the base model, applied after it, shards the samples.
+
+
+def posterior(bm) -> dict[str, torch.Tensor]:
+    r"""The posterior and the plain parameter, whole."""
+
+    bias = bm.base[2].bias
+    if isinstance(bias, DTensor):
+        bias = bias.full_tensor()
+    state = {f"means.{k}": v.detach().clone() for k, v in bm.means.items()}
+    state.update({f"logvars.{k}": v.detach().clone() for k, v in bm.logvars.items()})
+    return {**state, "base.2.bias": bias.detach().clone()}
+
+
+def variational(bm, rank, sharding=None, steps=slice(None)) -> fastbnf.optim.VariationalAdam:
+    torch.manual_seed(20)  # the same first sample on every rank and in one process
+    optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=KL_WEIGHT)
+    if sharding is not None:
+        sharding(bm)
+    variational_steps(bm, optimizer, rank, steps)
+    return optimizer
+
+
+def variational_steps(bm, optimizer, rank, steps=slice(None)) -> None:
+    for x, y in batches(rank)[steps]:
+        loss_fn(bm.base, x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def shard_layers(bm) -> None:
+    shard(bm.base[0])
+    shard(bm.base[2])
+    shard(bm.base)
+
+
+def shard_base(bm) -> None:
+    shard(bm.base)
+
+
+def shard_but_a_sample(bm) -> None:
+    r"""A sample left whole (ignored_params): its gradient is this rank's, averaged by the
+    optimizer, where FSDP has averaged the others."""
+
+    whole = {bm.base[0].weight}
+    shard(bm.base[0], ignored_params=whole)
+    shard(bm.base, ignored_params=whole)
+
+
+def ranks_variational(rank: int, init_file: str, backend: str) -> None:
+    use_backend(backend)
+    ranks.init(rank, init_file)
+
+    alone = make()
+    variational(alone, None)
+    expected = posterior(alone)
+    assert not torch.equal(expected["means.0-weight"], make().means["0-weight"])  # it trained
+
+    # The layers sharded, then the base as the root; the base alone.
+    for sharding in (shard_layers, shard_base):
+        bm = make()
+        optimizer = variational(bm, rank, sharding)
+        assert isinstance(bm.base[0].weight, DTensor)
+        assert isinstance(bm.base[2].bias, DTensor)
+        assert bm.base[0].weight.grad is None  # zero_grad() freed FSDP's gradients
+        assert_same(posterior(bm), expected)
+        # The base model's shards are those of the optimizer's current sample.
+        torch.testing.assert_close(
+            bm.base[0].weight.full_tensor(), optimizer.samples[0][0], rtol=0, atol=0
+        )
+
+    bm = make()
+    optimizer = variational(bm, rank, shard_but_a_sample)
+    assert bm.base[0].weight is optimizer.samples[0][0]
+    assert isinstance(bm.base[2].weight, DTensor)
+    assert_same(posterior(bm), expected)
+
+    # The optimizer's state dict resumes the trajectory in another sharded model, whose
+    # posterior and plain parameter take the first's values.
+    bm = make()
+    optimizer = variational(bm, rank, shard_base, steps=slice(0, 2))
+    generator_state = torch.get_rng_state()  # the next keys come from it
+    other = make(seed=1)
+    resumed = variational(other, rank, shard_base, steps=slice(0, 0))
+    with torch.no_grad():
+        for name in ("means", "logvars"):
+            for key, value in getattr(bm, name).items():
+                getattr(other, name)[key].copy_(value)
+        other.base[2].bias.copy_(bm.base[2].bias)
+    resumed.load_state_dict(optimizer.state_dict())
+    torch.set_rng_state(generator_state)
+    variational_steps(other, resumed, rank, steps=slice(2, None))
+    assert_same(posterior(other), expected)
+
+    dist.barrier()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fsdp_variational_adam_trains_as_one_process(tmp_path: Path, backend: str):
+    ranks.run(
+        ranks_variational,
+        str(tmp_path / "init"),
+        backend,
+        preload=("torch", "fastbnf", "torch.distributed.fsdp"),
+    )
+
+
+def ranks_variational_refuse(rank: int, init_file: str) -> None:
+    ranks.init(rank, init_file)
+    Adam = fastbnf.optim.VariationalAdam
+
+    # Sharded before the optimizer: the slots hold FSDP's shards of the frozen weights.
+    for sharding in (shard_base, shard):
+        bm = make()
+        sharding(bm)
+        with pytest.raises(RuntimeError, match="0.weight' is sharded.*Create the optimizer first"):
+            Adam(bm)
+        assert bm._held is None
+
+    # The BayesianModel sharded after the optimizer: its posterior is shards.
+    bm = make()
+    optimizer = Adam(bm)
+    shard(bm)
+    with pytest.raises(RuntimeError, match="means\\['0-weight'\\] is sharded"):
+        optimizer.step()
+    assert optimizer._steps == [0]
+
+    # One sample per rank: FSDP's average of the samples' gradients would mix the ranks' noise.
+    bm = make(fold_rank=True)
+    optimizer = Adam(bm)
+    shard_base(bm)
+    before = posterior(bm)
+    loss_fn(bm.base, *batches(rank)[0]).backward()
+    with pytest.raises(RuntimeError, match="fold_rank=False"):
+        optimizer.step()
+    assert optimizer._steps == [0]
+    assert_same(posterior(bm), before, rtol=0, atol=0)
+
+    # The frozen weights cannot go back into slots that FSDP manages.
+    with pytest.raises(RuntimeError, match="cannot release"):
+        optimizer.release()
+    assert bm._held is not None
+
+    dist.barrier()
+
+
+def test_fsdp_variational_adam_refuses_what_it_cannot_compute(tmp_path: Path):
+    ranks.run(
+        ranks_variational_refuse,
+        str(tmp_path / "init"),
+        preload=("torch", "fastbnf", "torch.distributed.fsdp"),
+    )
 
 
 def ranks_example(rank: int, init_file: str) -> None:

@@ -3,6 +3,7 @@ r"""The variational Adam optimizer: Bayesian training with a plain model's loop.
 from __future__ import annotations
 
 import math
+import sys
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -13,6 +14,7 @@ from torch import Tensor
 from typing import Any
 
 from .. import ops
+from .._sharding import is_dtensor
 from ..bayesian import BayesianModel
 from .._compat import adam_update
 from .step import variational_adam_step
@@ -35,6 +37,35 @@ def _average(flat: Tensor) -> None:
 
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
+
+
+def _may_shard() -> bool:
+    r"""Whether any tensor can be a DTensor: without its module loaded, the step skips its walk
+    over the slots (microseconds per tensor, every step)."""
+
+    return "torch.distributed.tensor" in sys.modules
+
+
+def _full_grad(shard: Tensor) -> Tensor | None:
+    r"""The whole gradient of a parameter that ``fully_shard()`` holds sharded (a DTensor):
+    FSDP reduce-scattered it, averaged over the ranks; gathered here (a collective)."""
+
+    return None if shard.grad is None else shard.grad.full_tensor()
+
+
+def _write_shard(shard: Tensor, full: Tensor) -> None:
+    r"""Copies this rank's part of the whole tensor ``full`` into the local tensor of the
+    DTensor parameter ``shard``, in place: FSDP gathers its parameters from that storage."""
+
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        full.shape, shard.device_mesh, shard.placements
+    )
+    local = full
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        local = local.narrow(dim, start, size)
+    shard._local_tensor.copy_(local)
 
 
 class VariationalAdam(torch.optim.Optimizer):
@@ -67,6 +98,15 @@ class VariationalAdam(torch.optim.Optimizer):
     has its own noise and forms its own reparameterization gradient, and those are averaged.
     Do not wrap the base model in :class:`~torch.nn.parallel.DistributedDataParallel`: its
     averaging of the samples' gradients would mix the ranks' noise.
+
+    Sharding (FSDP2): create the optimizer first, then apply ``fully_shard()`` to the base model
+    or its modules (``fully_shard(bm.base)``, not ``fully_shard(bm)``). FSDP then shards the
+    samples and their gradients, not the optimizer's state: the posterior, Adam's moments and
+    the flat sample stay whole on every rank. :meth:`step` gathers the gradients that FSDP has
+    averaged (one all-gather per sharded tensor), takes the same step on every rank and writes
+    each rank's shards of the next sample; a non-Bayesian parameter is gathered, updated whole
+    and written back the same way. FSDP's average of the samples' gradients is right only if
+    every rank holds the same sample: the model's ``fold_rank`` must be false.
 
     The model's ``state_dict`` keeps the frozen weights under ``base.*`` (zuko's), its
     ``means``, ``logvars``, :meth:`BayesianModel.kl_divergence` and ``reparameterize()`` work as
@@ -111,6 +151,16 @@ class VariationalAdam(torch.optim.Optimizer):
             kl_weight=_check(kl_weight, "kl_weight"),
         )
         model._check_prior(prior_var, prior_mean)
+        # Sharding comes after the optimizer: fully_shard() must find the samples in the slots.
+        for name, p in model.named_parameters():
+            if is_dtensor(p):
+                raise RuntimeError(
+                    f"VariationalAdam: the model's {name!r} is sharded (a DTensor of "
+                    "fully_shard(), FSDP2). Create the optimizer first, so that the base "
+                    "model holds its samples, then apply fully_shard() to the base model or "
+                    "its modules (not to the BayesianModel, whose posterior the optimizer "
+                    "keeps whole)."
+                )
         if model._held is not None or model._active:
             raise RuntimeError(
                 "VariationalAdam: the model's base holds samples already (another optimizer, "
@@ -129,6 +179,13 @@ class VariationalAdam(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
 
         self.model = model
+        # Where each non-Bayesian parameter sits in the base model, so that the step finds the
+        # shard that a later fully_shard() puts there instead.
+        self._other_places: dict[int, tuple[nn.Module, str]] = {}
+        for module in model.base.modules():
+            for attribute, p in module._parameters.items():
+                if p is not None and p.requires_grad and id(p) not in ids:
+                    self._other_places.setdefault(id(p), (module, attribute))
         self._priors = [model._prior(g, prior_var, prior_mean) for g in groups]
         # Per group: the flat sample (the base model's leaves are views of it), the key it was
         # drawn from and the count of steps taken. Kept beside the optimizer's state, whose
@@ -152,6 +209,9 @@ class VariationalAdam(torch.optim.Optimizer):
                 self._rng_states.append(rng_state)
                 pieces.append([nn.Parameter(v) for v in ops.unflatten(theta, group.means)])
         self._pieces = pieces
+        # The slots of every sample and their names, which fully_shard() leaves in place.
+        self._places = [list(group.places) for group in groups]
+        self._names = [list(group.names) for group in groups]
         # The samples' gradients accumulate in place in one flat buffer per group (autograd
         # adds into an existing .grad), which the step reads as it is.
         self._grads = [torch.zeros_like(theta) for theta in self._thetas]
@@ -190,6 +250,69 @@ class VariationalAdam(torch.optim.Optimizer):
                 if piece.grad is not view:
                     piece.grad = view
 
+    def _check_means(self) -> None:
+        if not _may_shard():
+            return
+        for key, mean in self.model._modules["means"]._parameters.items():
+            if is_dtensor(mean):
+                raise RuntimeError(
+                    f"VariationalAdam: means[{key!r}] is sharded (a DTensor of fully_shard(), "
+                    "FSDP2): the optimizer keeps the posterior whole on every rank and cannot "
+                    "step a sharded one. Apply fully_shard() to the base model or its modules "
+                    "(fully_shard(bm.base)), which shards the samples, not to the "
+                    "BayesianModel."
+                )
+
+    def _sharded_samples(self) -> list[dict[int, Tensor]]:
+        r"""Per group, the shards (DTensors) that fully_shard() has put in the base model's
+        slots in place of the samples, by the samples' index in the group."""
+
+        if not _may_shard():
+            return [{} for _ in self._pieces]
+        out = []
+        for places, names, pieces in zip(self._places, self._names, self._pieces):
+            shards: dict[int, Tensor] = {}
+            whole = set()
+            for module, attribute, i in places:
+                current = module._parameters.get(attribute)
+                if current is pieces[i]:
+                    whole.add(i)
+                elif is_dtensor(current) and shards.setdefault(i, current) is current:
+                    pass
+                else:
+                    raise RuntimeError(
+                        f"VariationalAdam: the base model's {names[i]!r} holds neither the "
+                        "optimizer's sample nor a shard of it (fully_shard()'s DTensor); "
+                        "something else was put in its slot."
+                    )
+            if whole & shards.keys():
+                name = names[min(whole & shards.keys())]
+                raise RuntimeError(
+                    f"VariationalAdam: the base model's {name!r} is shared by slots that "
+                    "fully_shard() holds sharded and slots that it does not."
+                )
+            out.append(shards)
+        return out
+
+    def _sharded_others(self) -> dict[int, Tensor]:
+        r"""The shards (DTensors) that fully_shard() has put in the base model's slots in
+        place of the non-Bayesian parameters, by the parameters' id."""
+
+        out = {}
+        if not _may_shard():
+            return out
+        for param_group in self.param_groups:
+            if param_group["posterior"]:
+                continue
+            for p in param_group["params"]:
+                place = self._other_places.get(id(p))  # none for a group added by hand
+                if place is None:
+                    continue
+                current = place[0]._parameters.get(place[1])
+                if current is not p and is_dtensor(current):
+                    out[id(p)] = current
+        return out
+
     @property
     def samples(self) -> list[list[Tensor]]:
         r"""The current samples held in the base model, per group and tensor."""
@@ -199,6 +322,12 @@ class VariationalAdam(torch.optim.Optimizer):
     def release(self) -> None:
         r"""Puts the frozen weights back in the base model; the optimizer cannot step after."""
 
+        if any(self._sharded_samples()):
+            raise RuntimeError(
+                "VariationalAdam: cannot release a base model that fully_shard() manages: its "
+                "slots hold FSDP's shards of the samples. Read the posterior from the model's "
+                "means and logvars instead."
+            )
         self.model._release()
         self._pieces = []
         self._grad_views = []
@@ -212,6 +341,14 @@ class VariationalAdam(torch.optim.Optimizer):
         for grad in self._grads:
             grad.zero_()
         self._attach_grads()
+        # Under fully_shard(), the gradients are FSDP's shards, which it accumulates into.
+        shards = [*(s for g in self._sharded_samples() for s in g.values())]
+        for shard in (*shards, *self._sharded_others().values()):
+            if shard.grad is not None:
+                if set_to_none:
+                    shard.grad = None
+                else:
+                    shard.grad.zero_()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -223,6 +360,17 @@ class VariationalAdam(torch.optim.Optimizer):
 
         if not self._pieces:
             raise RuntimeError("VariationalAdam: released, it cannot step any more.")
+        # What fully_shard() has sharded since the construction, checked before any change.
+        self._check_means()
+        samples = self._sharded_samples()
+        others = self._sharded_others()
+        if any(samples) and self.model.fold_rank and _data_parallel():
+            raise RuntimeError(
+                "VariationalAdam: fully_shard() averages the samples' gradients over the "
+                "ranks, which is right only when every rank holds the same sample; the model's "
+                "fold_rank=True gives each rank its own. Create the BayesianModel with "
+                "fold_rank=False."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -231,26 +379,36 @@ class VariationalAdam(torch.optim.Optimizer):
         for param_group in self.param_groups:
             options = {k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay")}
             if param_group["posterior"]:
-                self._posterior_step(param_group["kl_weight"], **options)
+                self._posterior_step(param_group["kl_weight"], samples, **options)
             else:
-                self._plain_step(param_group["params"], **options)
+                self._plain_step(param_group["params"], others, **options)
         return loss
 
-    def _posterior_step(self, kl_weight, lr, betas, eps, weight_decay) -> None:
+    def _posterior_step(self, kl_weight, samples, lr, betas, eps, weight_decay) -> None:
         groups = self.model._get_groups()
         for i, (group, prior, pieces) in enumerate(zip(groups, self._priors, self._pieces)):
+            shards = samples[i]
             if all(p.grad is v for p, v in zip(pieces, self._grad_views[i])):
-                grad_theta = self._grads[i]
+                grad_theta, views = self._grads[i], self._grad_views[i]
             else:  # gradients set or freed by hand (bm.zero_grad(), say): gathered once
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pieces]
                 grad_theta = torch.cat([g.reshape(-1) for g in grads])
+                views = ops.unflatten(grad_theta, group.means)
             average = None
             if _data_parallel():
                 if self.model.fold_rank:
                     average = _average  # of the gradients each rank forms with its own noise
-                else:
-                    # One sample on every rank: the gradients are linear in grad_theta.
+                elif len(shards) < len(pieces):
+                    # One sample on every rank: the gradients are linear in grad_theta. Those
+                    # of the sharded samples are zeros here, filled below.
                     _average(grad_theta)
+            # The sharded samples' gradients, which FSDP has averaged over the ranks already.
+            for j, shard in shards.items():
+                grad = _full_grad(shard)
+                if grad is None:
+                    views[j].zero_()
+                else:
+                    views[j].copy_(grad.view_as(views[j]))
             self._steps[i] += 1
             self._rng_states[i] = variational_adam_step(
                 grad_theta,
@@ -270,13 +428,25 @@ class VariationalAdam(torch.optim.Optimizer):
                 stream=self.model._stream(),
                 average=average,
             )
+            # The next sample's shards, where FSDP's forward gathers them from.
+            for j, shard in shards.items():
+                _write_shard(shard, pieces[j].detach())
 
-    def _plain_step(self, params, lr, betas, eps, weight_decay) -> None:
+    def _plain_step(self, params, shards, lr, betas, eps, weight_decay) -> None:
+        # A parameter that fully_shard() holds sharded: the optimizer's whole one takes the
+        # shards' values (a loaded model state dict may have changed them) and their averaged
+        # gradient, is updated as a whole, and its shards are written back after.
+        for p in params:
+            shard = shards.get(id(p))
+            if shard is not None:
+                p.copy_(shard.full_tensor())
+                p.grad = _full_grad(shard)
         with_grads = [p for p in params if p.grad is not None]
-        if with_grads and _data_parallel():
-            flat = torch.cat([p.grad.reshape(-1) for p in with_grads])
+        local = [p for p in with_grads if id(p) not in shards]
+        if local and _data_parallel():
+            flat = torch.cat([p.grad.reshape(-1) for p in local])
             _average(flat)
-            for p, g in zip(with_grads, flat.split([p.numel() for p in with_grads])):
+            for p, g in zip(local, flat.split([p.numel() for p in local])):
                 p.grad.copy_(g.view_as(p.grad))
         for p in with_grads:
             if "step" not in self.state[p]:
@@ -300,6 +470,9 @@ class VariationalAdam(torch.optim.Optimizer):
                 eps,
                 weight_decay,
             )
+        for p in params:
+            if id(p) in shards:
+                _write_shard(shards[id(p)], p.detach())
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -333,5 +506,8 @@ class VariationalAdam(torch.optim.Optimizer):
             # Into the flat samples in place: the base model's leaves are views of them.
             for theta, loaded in zip(self._thetas, samples["theta"]):
                 theta.copy_(loaded)
+            for pieces, shards in zip(self._pieces, self._sharded_samples()):
+                for j, shard in shards.items():
+                    _write_shard(shard, pieces[j].detach())
         self._rng_states = [r.clone() for r in samples["rng_state"]]
         self._steps = list(samples["step"])
