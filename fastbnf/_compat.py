@@ -13,6 +13,7 @@ __all__ = [
     "dispatch_has_kernel",
     "flatten_dense",
     "graph_task_id",
+    "local_part",
     "profiler_enabled",
     "set_forward_pre_hook",
     "swap_parameter",
@@ -180,3 +181,28 @@ def swap_parameter(module: nn.Module, name: str, value: Tensor) -> Tensor:
     old = module._parameters[name]
     module._parameters[name] = value
     return old
+
+
+def local_part(full: Tensor, dtensor: Tensor) -> Tensor:
+    r"""This rank's part of ``full``, a whole tensor laid out as the DTensor ``dtensor`` (a
+    parameter of ``fully_shard()``): a view of ``full``.
+
+    With PyTorch's ``compute_local_shape_and_global_offset`` (private, looked up on the first
+    call: ``torch.distributed.tensor`` is a heavy import that only sharded models need);
+    without it, a 1-d mesh's ``Shard(dim)`` split as :func:`torch.chunk` splits, FSDP2's."""
+
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        compute_local_shape_and_global_offset = None
+
+    mesh, placements = dtensor.device_mesh, dtensor.placements
+    if compute_local_shape_and_global_offset is not None:
+        shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+        for dim, (size, start) in enumerate(zip(shape, offset)):
+            full = full.narrow(dim, start, size)
+        return full
+    (placement,) = placements
+    chunks = full.chunk(mesh.size(), dim=placement.dim)
+    rank = mesh.get_local_rank()
+    return chunks[rank] if rank < len(chunks) else full.narrow(placement.dim, 0, 0)

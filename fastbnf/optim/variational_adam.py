@@ -16,7 +16,7 @@ from typing import Any
 from .. import ops
 from .._sharding import is_dtensor
 from ..bayesian import BayesianModel
-from .._compat import adam_update
+from .._compat import adam_update, local_part
 from .step import variational_adam_step
 
 
@@ -57,15 +57,7 @@ def _write_shard(shard: Tensor, full: Tensor) -> None:
     r"""Copies this rank's part of the whole tensor ``full`` into the local tensor of the
     DTensor parameter ``shard``, in place: FSDP gathers its parameters from that storage."""
 
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(
-        full.shape, shard.device_mesh, shard.placements
-    )
-    local = full
-    for dim, (size, start) in enumerate(zip(shape, offset)):
-        local = local.narrow(dim, start, size)
-    shard._local_tensor.copy_(local)
+    shard.to_local().copy_(local_part(full, shard))
 
 
 class VariationalAdam(torch.optim.Optimizer):
