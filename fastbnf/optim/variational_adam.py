@@ -3,7 +3,6 @@ r"""The variational Adam optimizer: Bayesian training with a plain model's loop.
 from __future__ import annotations
 
 import math
-import sys
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,13 +36,6 @@ def _average(flat: Tensor) -> None:
 
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
-
-
-def _may_shard() -> bool:
-    r"""Whether any tensor can be a DTensor: without its module loaded, the step skips its walk
-    over the slots (microseconds per tensor, every step)."""
-
-    return "torch.distributed.tensor" in sys.modules
 
 
 def _full_grad(shard: Tensor) -> Tensor | None:
@@ -204,6 +196,23 @@ class VariationalAdam(torch.optim.Optimizer):
         # The slots of every sample and their names, which fully_shard() leaves in place.
         self._places = [list(group.places) for group in groups]
         self._names = [list(group.names) for group in groups]
+        # The classes of the modules with slots and of their ancestors: fully_shard() of a
+        # module (which shards the parameters of all its submodules) gives it a class of its
+        # own, so that one identity check per module tells, every step, whether the walks over
+        # the slots below are needed (microseconds per tensor).
+        slots = {id(m) for places in self._places for m, _, _ in places}
+        slots |= {id(m) for m, _ in self._other_places.values()}
+        self._classes = []
+        seen = set()
+        for name, module in model.named_modules(remove_duplicate=False):
+            if id(module) not in slots:
+                continue
+            parts = name.split(".") if name else []
+            for k in range(len(parts) + 1):
+                ancestor = model.get_submodule(".".join(parts[:k]))
+                if id(ancestor) not in seen:
+                    seen.add(id(ancestor))
+                    self._classes.append((ancestor, type(ancestor)))
         # The samples' gradients accumulate in place in one flat buffer per group (autograd
         # adds into an existing .grad), which the step reads as it is.
         self._grads = [torch.zeros_like(theta) for theta in self._thetas]
@@ -242,8 +251,14 @@ class VariationalAdam(torch.optim.Optimizer):
                 if piece.grad is not view:
                     piece.grad = view
 
+    def _resharded(self) -> bool:
+        r"""Whether fully_shard() has been applied to the model, or to a module with slots or
+        one of its ancestors, since the optimizer was built."""
+
+        return any(type(module) is not cls for module, cls in self._classes)
+
     def _check_means(self) -> None:
-        if not _may_shard():
+        if not self._resharded():
             return
         for key, mean in self.model._modules["means"]._parameters.items():
             if is_dtensor(mean):
@@ -259,7 +274,7 @@ class VariationalAdam(torch.optim.Optimizer):
         r"""Per group, the shards (DTensors) that fully_shard() has put in the base model's
         slots in place of the samples, by the samples' index in the group."""
 
-        if not _may_shard():
+        if not self._resharded():
             return [{} for _ in self._pieces]
         out = []
         for places, names, pieces in zip(self._places, self._names, self._pieces):
@@ -291,7 +306,7 @@ class VariationalAdam(torch.optim.Optimizer):
         place of the non-Bayesian parameters, by the parameters' id."""
 
         out = {}
-        if not _may_shard():
+        if not self._resharded():
             return out
         for param_group in self.param_groups:
             if param_group["posterior"]:
