@@ -902,21 +902,19 @@ __device__ __forceinline__ S round_to(S x) {
   return static_cast<S>(widen(Narrow<T>::from(x)));
 }
 
+// Resident blocks asked of the compiler for the step: it keeps more values live than the
+// sampling kernels (the gradients, the posterior and its moments, two keys): 64 registers spill,
+// and so do 80 on sm_90. Two blocks of 256 threads give it 128, and their loads (seven 16-byte
+// vectors per group of 4 elements) still keep tens of KB in flight per SM.
+constexpr int kAdamMinBlocks = 2;
+
 // One step of the fused variational Adam (fastbnf::adam_step; the CPU kernel's comment in
 // csrc/cpu/adam_step.cpp gives the order of the work): per group of 4 flat elements, the
 // current and next samples' noise, the gradients as backward_kernel forms them (rounded to T as
 // its outputs are), AdamW on the means, log-variances and moments (adam_math.h), the next
 // theta. One group at a time per thread.
-// Resident blocks asked of the compiler: a step keeps more values live than the sampling
-// kernels (the gradients, the posterior and its moments, two keys): 64 registers spill, and so
-// do 80 on sm_90. Two blocks of 256 threads give it 128, and their loads (seven 16-byte vectors
-// per group of 4 elements) still keep tens of KB in flight per SM.
-template <typename T>
-constexpr int kAdamMinBlocks = 2;
-
 template <typename T, typename O>
-__global__ void __launch_bounds__(kThreads, kAdamMinBlocks<T>)
-    adam_step_kernel(const AdamParams p) {
+__global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(const AdamParams p) {
   using S = typename Traits<T>::S;
   using M = DeviceMath;
   const Key next = unpack_key(p.rng);
