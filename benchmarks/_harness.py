@@ -264,6 +264,56 @@ def overhead_step(contender: str, base: nn.Module, device: str) -> tuple[Callabl
     return step, bm
 
 
+def train_step(
+    contender: str, model: nn.Module, optimizer, objective: Callable, done: Callable[[], None]
+) -> Callable[[], None]:
+    r"""One whole training step of a contender (forward, loss, backward, optimizer):
+    ``<backend>-optim`` a plain model's loop on the base model, which holds the sample
+    (:class:`fastbnf.optim.VariationalAdam`); ``plain`` the plain model's; ``*-fused``
+    ``reparameterize(return_kl=True)``; the others the seed's loop. ``objective(model)`` is the
+    data loss; the KL's weight is 1e-6."""
+
+    _, fused = split_contender(contender)
+    if contender.endswith("-optim"):
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            objective(model.base).backward()
+            optimizer.step()
+            done()
+
+    elif contender == "plain":
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            objective(model).backward()
+            optimizer.step()
+            done()
+
+    elif fused:
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with model.reparameterize(return_kl=True) as (m, kl):
+                loss = objective(m) + 1e-6 * kl
+                loss.backward()
+            optimizer.step()
+            done()
+
+    else:
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            kl = model.kl_divergence()
+            with model.reparameterize() as m:
+                loss = objective(m) + 1e-6 * kl
+                loss.backward()
+            optimizer.step()
+            done()
+
+    return step
+
+
 def forward_only(bm: nn.Module, fused: bool, loss_fn: LinearLoss):
     r"""KL + sample + loss, without backward; returns the loss."""
 

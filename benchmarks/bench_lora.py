@@ -33,6 +33,7 @@ from ._harness import (
     run,
     split_contender,
     sync,
+    train_step,
     wrap,
 )
 
@@ -94,42 +95,7 @@ def test_lora_train(benchmark, quick, monkeypatch, device, contender):
     else:
         optimizer = torch.optim.Adam(trained, lr=1e-3)
 
-    if contender.endswith("-optim"):
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            objective(model.base).backward()
-            optimizer.step()
-            done()
-
-    elif contender == "plain":
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            objective(model).backward()
-            optimizer.step()
-            done()
-
-    elif fused:
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with model.reparameterize(return_kl=True) as (m, kl):
-                loss = objective(m) + 1e-6 * kl
-                loss.backward()
-            optimizer.step()
-            done()
-
-    else:
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            kl = model.kl_divergence()
-            with model.reparameterize() as m:
-                loss = objective(m) + 1e-6 * kl
-                loss.backward()
-            optimizer.step()
-            done()
+    step = train_step(contender, model, optimizer, objective, done)
 
     benchmark.group = f"train/{CASE}/{device}"
     info(

@@ -26,6 +26,7 @@ from ._harness import (
     run,
     split_contender,
     sync,
+    train_step,
     tutorial_mlp,
     wrap,
 )
@@ -181,42 +182,7 @@ def test_train(benchmark, quick, monkeypatch, device, case, contender):
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    if contender.endswith("-optim"):
-        # A plain model's loop: the base holds the sample, the optimizer does the rest.
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            objective(model.base).backward()
-            optimizer.step()
-            done()
-
-    elif contender == "plain":
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            objective(model).backward()
-            optimizer.step()
-            done()
-
-    elif fused:
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with model.reparameterize(return_kl=True) as (m, kl):
-                loss = objective(m) + 1e-6 * kl
-                loss.backward()
-            optimizer.step()
-            done()
-
-    else:
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            kl = model.kl_divergence()
-            with model.reparameterize() as m:
-                loss = objective(m) + 1e-6 * kl
-                loss.backward()
-            optimizer.step()
-            done()
+    step = train_step(contender, model, optimizer, objective, done)
 
     benchmark.group = f"train/{case}/{device}"
     info(
