@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import zuko.bayesian
 
+from contextlib import nullcontext
 from torch.func import functional_call
 
 import fastbnf
@@ -25,6 +26,7 @@ except ImportError:
     )
 
 from examples.bayesian_lora import LORA, counting, lora_gpt2, posterior_mean, run
+from zuko_noise import zuko_draws
 
 VOCAB, LENGTH = 64, 12
 
@@ -252,15 +254,11 @@ def test_steps_equal_zukos_with_the_same_noise(backend, style):
         optimizer.zero_grad()
 
         draws = iter(noise)
-        original = torch.randn_like
-        torch.randn_like = lambda t, **kwargs: next(draws)
-        try:
+        with zuko_draws(lambda t: next(draws)):
             kl = theirs.kl_divergence()
             with theirs.reparameterize() as model:
                 zuko_loss = loss_of(model, x)
             (zuko_loss + lam * kl).backward()
-        finally:
-            torch.randn_like = original
         reference.step()
         reference.zero_grad()
 
@@ -287,14 +285,10 @@ def test_local_trick_equals_zukos(backend):
     losses = []
     for bm in (ours, theirs):
         torch.manual_seed(5)  # the same eta, drawn by torch.randn layer after layer
-        original = torch.randn_like
-        if bm is theirs:  # zuko also samples the weights the trick replaces: no draws there
-            torch.randn_like = lambda t, **kwargs: torch.zeros_like(t)
-        try:
-            with bm.reparameterize(local_trick=True) as model:
-                loss = loss_of(model, x)
-        finally:
-            torch.randn_like = original
+        # zuko also samples the weights the trick replaces: no draws there.
+        no_draws = zuko_draws(torch.zeros_like) if bm is theirs else nullcontext()
+        with no_draws, bm.reparameterize(local_trick=True) as model:
+            loss = loss_of(model, x)
         loss.backward()
         losses.append(loss)
 

@@ -17,6 +17,8 @@ from fastbnf import ops
 from fastbnf._backend import has_kernel
 from fastbnf.optim import VariationalAdam, variational_adam_step
 
+from zuko_noise import zuko_draws
+
 
 def flat_moments(means):
     r"""Adam's zero moments of a group, flat: the means', then the log-variances'."""
@@ -95,16 +97,12 @@ def test_steps_equal_zukos_loop_with_the_same_noise(backend, dtype, tolerance, w
 
         # zuko's loop with the same noise.
         draws = iter(noise)
-        original = torch.randn_like
-        torch.randn_like = lambda t, **kwargs: next(draws).to(t.dtype)
-        try:
+        with zuko_draws(lambda t: next(draws).to(t.dtype)):
             optimizer.zero_grad()
             kl = theirs.kl_divergence(prior_var=prior_var)
             with theirs.reparameterize() as model:
                 zuko_loss = (model(x) - y).square().mean() + lam * kl
             zuko_loss.backward()
-        finally:
-            torch.randn_like = original
         optimizer.step()
 
         torch.testing.assert_close(loss, zuko_loss - lam * kl.detach(), **tolerance)
@@ -248,15 +246,11 @@ def test_optimizer_loop_equals_zukos_loop(backend):
         optimizer.step()
         optimizer.zero_grad()
 
-        original = torch.randn_like
-        torch.randn_like = lambda t, **kwargs: next(draws)
-        try:
+        with zuko_draws(lambda t: next(draws)):
             kl = theirs.kl_divergence(prior_var=0.5)
             with theirs.reparameterize() as model:
                 zuko_loss = (model(x) - y).square().mean()
             (zuko_loss + lam * kl).backward()
-        finally:
-            torch.randn_like = original
         reference.step()
         reference.zero_grad()
 
@@ -422,15 +416,11 @@ def test_optimizer_on_cuda_equals_zukos_loop():
         optimizer.step()
         optimizer.zero_grad()
 
-        original = torch.randn_like
-        torch.randn_like = lambda t, **kwargs: next(draws)
-        try:
+        with zuko_draws(lambda t: next(draws)):
             kl = theirs.kl_divergence()
             with theirs.reparameterize() as model:
                 loss = (model(x) - y).square().mean() + 1e-2 * kl
             loss.backward()
-        finally:
-            torch.randn_like = original
         reference.step()
         reference.zero_grad()
 
