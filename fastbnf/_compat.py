@@ -20,6 +20,7 @@ __all__ = [
     "unflatten_dense",
 ]
 
+import functools
 import torch
 import torch.nn as nn
 
@@ -183,6 +184,15 @@ def swap_parameter(module: nn.Module, name: str, value: Tensor) -> Tensor:
     return old
 
 
+@functools.cache
+def _local_shape_and_offset() -> Callable | None:
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        return None
+    return compute_local_shape_and_global_offset
+
+
 def local_part(full: Tensor, dtensor: Tensor) -> Tensor:
     r"""This rank's part of ``full``, a whole tensor laid out as the DTensor ``dtensor`` (a
     parameter of ``fully_shard()``): a view of ``full``.
@@ -191,14 +201,10 @@ def local_part(full: Tensor, dtensor: Tensor) -> Tensor:
     call: ``torch.distributed.tensor`` is a heavy import that only sharded models need);
     without it, a 1-d mesh's ``Shard(dim)`` split as :func:`torch.chunk` splits, FSDP2's."""
 
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:
-        compute_local_shape_and_global_offset = None
-
     mesh, placements = dtensor.device_mesh, dtensor.placements
-    if compute_local_shape_and_global_offset is not None:
-        shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    local_shape_and_offset = _local_shape_and_offset()
+    if local_shape_and_offset is not None:
+        shape, offset = local_shape_and_offset(full.shape, mesh, placements)
         for dim, (size, start) in enumerate(zip(shape, offset)):
             full = full.narrow(dim, start, size)
         return full

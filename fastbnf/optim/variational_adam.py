@@ -284,8 +284,8 @@ class VariationalAdam(torch.optim.Optimizer):
                 current = module._parameters.get(attribute)
                 if current is pieces[i]:
                     whole.add(i)
-                elif is_dtensor(current) and shards.setdefault(i, current) is current:
-                    pass
+                elif is_dtensor(current) and shards.get(i, current) is current:
+                    shards[i] = current  # a shared sample: the same shard in every slot
                 else:
                     raise RuntimeError(
                         f"VariationalAdam: the base model's {names[i]!r} holds neither the "
