@@ -181,7 +181,7 @@ class _Leaves(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *_):
         flat, leaves = ctx.grads
-        return None, None, *fastbnf.ops.eager._views(flat, leaves)
+        return None, None, *fastbnf._flat.views(flat, leaves)
 
 
 def leaves_step(base: nn.Module, loss_fn: LinearLoss, done: Callable[[], None]) -> Callable:
@@ -199,7 +199,7 @@ def leaves_step(base: nn.Module, loss_fn: LinearLoss, done: Callable[[], None]) 
     def step():
         for p in leaves:
             p.grad = None
-        samples = fastbnf.ops.eager._views(flat, shapes)
+        samples = fastbnf._flat.views(flat, shapes)
         thetas = super(torch.autograd.Function, _Leaves).apply(samples, grads, *leaves)
         loss_fn.of(thetas).backward()
         done()

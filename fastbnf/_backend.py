@@ -13,7 +13,6 @@ import torch
 import warnings
 
 from . import _compat
-from ._schemas import KERNEL_SUFFIX, SCHEMAS
 
 BACKENDS = ("torch", "cpp", "cuda")
 _COMPILED = {"cpu": "cpp", "cuda": "cuda"}
@@ -31,7 +30,9 @@ def load_extension() -> bool:
     """
 
     # The kernel ops must be declared before the extension registers implementations of them.
-    from . import ops  # noqa: F401
+    # Imported here, not at the top: the op library is a leaf that every layer may import, and
+    # this module is imported by the ops.
+    from .ops import library  # noqa: F401
 
     global _module
 
@@ -82,6 +83,8 @@ def has_kernel(device_type: str) -> bool:
 
     if device_type not in _COMPILED or not load_extension():
         return False
+
+    from .ops.library import KERNEL_SUFFIX, SCHEMAS
 
     key = "CPU" if device_type == "cpu" else "CUDA"
 

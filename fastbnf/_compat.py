@@ -12,6 +12,7 @@ __all__ = [
     "apply_function",
     "dispatch_has_kernel",
     "flatten_dense",
+    "foreach_ops",
     "graph_task_id",
     "local_part",
     "profiler_enabled",
@@ -74,48 +75,11 @@ def apply_function(function: type[torch.autograd.Function], *args) -> Any:
     return _function_apply.__get__(None, function)(*args)
 
 
-def adam_update(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    r"""The update of :class:`torch.optim.AdamW`, operation for operation, in place, over a list
-    of tensors that share a step count: with ``weight_decay=0`` that of
-    :class:`torch.optim.Adam`. With PyTorch's ``_foreach`` ops each operation is one call for
-    every tensor (their per-element arithmetic is the single-tensor ops': the results are
-    equal); without them, a loop of the single-tensor ops."""
+def foreach_ops() -> dict[str, Callable] | None:
+    r"""The multi-tensor ops that :mod:`torch.optim`'s foreach implementations use, by name
+    (``"mul_"`` for ``torch._foreach_mul_``), or :py:`None` where this PyTorch lacks one."""
 
-    beta1, beta2 = betas
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    step_size = lr / (1 - beta1**step)
-    params, grads = list(params), list(grads)
-    exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
-
-    if any(op is None for op in _foreach.values()):
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-            if weight_decay != 0:
-                p.mul_(1 - lr * weight_decay)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
-        return
-
-    f = _foreach
-    if weight_decay != 0:
-        f["mul_"](params, 1 - lr * weight_decay)
-    f["lerp_"](exp_avgs, grads, 1 - beta1)
-    f["mul_"](exp_avg_sqs, beta2)
-    f["addcmul_"](exp_avg_sqs, grads, grads, 1 - beta2)
-    denoms = f["sqrt"](exp_avg_sqs)
-    f["div_"](denoms, bias_correction2_sqrt)
-    f["add_"](denoms, eps)
-    f["addcdiv_"](params, exp_avgs, denoms, -step_size)
+    return None if any(op is None for op in _foreach.values()) else _foreach
 
 
 def functorch_active() -> bool:

@@ -18,7 +18,6 @@ differs from the compiled kernels' Philox stream (see ``csrc/common/philox.h``).
 """
 
 __all__ = [
-    "adam_posterior_update",
     "adam_step",
     "kl",
     "kl_backward",
@@ -35,7 +34,6 @@ import torch
 from collections.abc import Sequence
 from torch import Tensor
 
-from ._compat import adam_update
 from ._contract import (
     Group,
     check_adam_step,
@@ -50,7 +48,7 @@ from ._contract import (
 
 # The constants of csrc/common/posterior_math.h and philox.h (a test checks that they agree).
 SOFTCLIP_BOUND = 18.0
-STREAM_MIX = 0x9E3779B97F4A7C15
+SALT_MIX = 0x9E3779B97F4A7C15
 
 _MASK64 = (1 << 64) - 1
 
@@ -140,9 +138,9 @@ class _ChunkPrior:
         return mu.clone() if self.mean is None else mu - self.mean
 
 
-def _key(stream: int) -> int:
+def _key(salt: int) -> int:
     seed = int(torch.empty((), dtype=torch.int64).random_())
-    seed = (seed ^ (stream * STREAM_MIX)) & _MASK64
+    seed = (seed ^ (salt * SALT_MIX)) & _MASK64
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
@@ -178,11 +176,11 @@ def sample(
     prior_var: float = 1.0,
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
-    stream: int = 0,
+    salt: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Samples :math:`\theta = \mu + \sigma \epsilon` for a group, and optionally its KL.
 
-    See :mod:`fastbnf._schemas` for the contract.
+    See :mod:`fastbnf.ops.library` for the contract.
 
     Returns:
         The flat samples, the KL (0-dim) and the ``(seed, offset)`` pair of the noise.
@@ -195,7 +193,7 @@ def sample(
     dtype, device = compute_dtype(group.dtype), group.device
     shape = (group.numel,) if n is None else (samples, group.numel)
 
-    rng_state = torch.tensor([_key(stream), 0], dtype=torch.int64, device=device)
+    rng_state = torch.tensor([_key(salt), 0], dtype=torch.int64, device=device)
     generator = _generator(rng_state, device)
     theta = torch.empty(shape, dtype=theta_dtype, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -340,46 +338,6 @@ def variance(logvars: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    return [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in like]), like)]
-
-
-def adam_posterior_update(
-    means: Sequence[Tensor],
-    logvars: Sequence[Tensor],
-    grad_means: Tensor,
-    grad_logvars: Tensor,
-    exp_avgs: Tensor,
-    exp_avg_sqs: Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    r"""Updates a group's means (with the decoupled weight decay) and log-variances (without)
-    in place as :class:`torch.optim.AdamW` would, from their flat gradients and flat moments
-    (``(2 N,)``: the means', then the log-variances')."""
-
-    n = grad_means.numel()
-    for tensors, grad, half, decay in (
-        (means, grad_means, slice(0, n), weight_decay),
-        (logvars, grad_logvars, slice(n, 2 * n), 0.0),
-    ):
-        adam_update(
-            tensors,
-            _views(grad, tensors),
-            _views(exp_avgs[half], tensors),
-            _views(exp_avg_sqs[half], tensors),
-            step,
-            lr,
-            (beta1, beta2),
-            eps,
-            decay,
-        )
-
-
 @torch.no_grad()
 def adam_step(
     grad_theta: Tensor,
@@ -399,13 +357,13 @@ def adam_step(
     prior_var: float = 1.0,
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
-    stream: int = 0,
+    salt: int = 0,
 ) -> Tensor:
     r"""Takes one variational Adam step of a group in place and draws its next sample into
     ``theta``: :func:`sample_backward`'s gradients with ``grad_kl = kl_weight``, then
     :func:`adam_posterior_update`, then :func:`sample`.
 
-    See :mod:`fastbnf._schemas` for the contract.
+    See :mod:`fastbnf.ops.library` for the contract.
 
     Returns:
         The ``(seed, offset)`` pair of the next sample's noise.
@@ -417,6 +375,10 @@ def adam_step(
         op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step
     )
     check_rng_state(op, rng_state, group)
+    # AdamW's maths is the optimizer's; a function-level import, since fastbnf.optim imports
+    # the model, which imports the ops, which import this module.
+    from .optim.adamw import adam_posterior_update
+
     grad_kl = torch.full((), kl_weight, dtype=group.dtype, device=group.device)
     grad = grad.to(compute_dtype(group.dtype))
     grad_mu, grad_logvar = _backward(group, grad, grad_kl, rng_state, prior_var, prior_vars, op)
@@ -424,7 +386,7 @@ def adam_step(
         means, logvars, grad_mu, grad_logvar, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2,
         eps, weight_decay,
     )  # fmt: skip
-    options = (None, theta.dtype, False, prior_var, prior_vars, prior_means, stream)
+    options = (None, theta.dtype, False, prior_var, prior_vars, prior_means, salt)
     sample_theta, _, next_state = sample(means, logvars, *options)
     theta.copy_(sample_theta)
     return next_state

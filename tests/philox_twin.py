@@ -15,7 +15,7 @@ _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK = np.uint64(0xFFFFFFFF)
 _MASK64 = (1 << 64) - 1
 
-STREAM_MIX = 0x9E3779B97F4A7C15
+SALT_MIX = 0x9E3779B97F4A7C15
 KEY_DOMAIN = 0x66617374626E6621  # "fastbnf!"
 
 
@@ -38,8 +38,8 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return [x.astype(np.uint32) for x in c]
 
 
-def fold_stream(seed: int, stream: int) -> int:
-    return (int(seed) ^ (int(stream) * STREAM_MIX)) & _MASK64
+def fold_salt(seed: int, salt: int) -> int:
+    return (int(seed) ^ (int(salt) * SALT_MIX)) & _MASK64
 
 
 def philox_key(stream_seed: int) -> int:

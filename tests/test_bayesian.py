@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import fastbnf
 
-from fastbnf._schemas import OP_NAMES
+from fastbnf.ops.library import OP_NAMES
 
 from zuko.flows import BPF, GF, MAF, NICE, NSF, SOSPF
 from zuko.nn import MLP, MaskedMLP

@@ -8,6 +8,7 @@ import torch.nn as nn
 import fastbnf  # noqa: F401 (declares the ops)
 
 from fastbnf import _compat
+from fastbnf.optim import adamw
 
 
 def torch_version() -> tuple[int, int]:
@@ -124,6 +125,6 @@ def test_adam_update_is_adamw(monkeypatch, foreach):
         for e, g in zip(expected, grads):
             e.grad = g.clone()
         reference.step()
-        _compat.adam_update(params, grads, *moments, step, 0.1, (0.8, 0.9), 1e-8, 0.01)
+        adamw.adam_update(params, grads, *moments, step, 0.1, (0.8, 0.9), 1e-8, 0.01)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p, e.detach(), rtol=0, atol=0)

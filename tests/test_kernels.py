@@ -23,7 +23,7 @@ import torch
 from closed_form import Formulas, expected_eps, f64
 from philox_twin import (
     KEY_DOMAIN,
-    STREAM_MIX,
+    SALT_MIX,
     curand_counters,
     fastbnf_counters,
     numpy_normals,
@@ -460,7 +460,7 @@ def test_seed_comes_from_the_default_generator(device):
     torch.manual_seed(3)
     f = K.sample_kernel(means, logvars, *args, 5)
     seed_a, seed_f = (int(x[2][0]) & (2**64 - 1) for x in (a, f))
-    assert seed_a ^ seed_f == (5 * STREAM_MIX) & (2**64 - 1)
+    assert seed_a ^ seed_f == (5 * SALT_MIX) & (2**64 - 1)
     assert int(a[2][1]) == int(f[2][1])
     assert not torch.equal(a[0], f[0])
 
@@ -764,5 +764,5 @@ def header_constant(name: str) -> str:
 
 def test_python_constants_are_the_headers():
     assert float(header_constant("kSoftclipBound")) == reference.SOFTCLIP_BOUND
-    assert int(header_constant("kStreamMix"), 16) == reference.STREAM_MIX == STREAM_MIX
+    assert int(header_constant("kSaltMix"), 16) == reference.SALT_MIX == SALT_MIX
     assert int(header_constant("kKeyDomain"), 16) == KEY_DOMAIN

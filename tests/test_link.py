@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fastbnf
 
-from fastbnf._schemas import OP_NAMES
+from fastbnf.ops.library import OP_NAMES
 
 
 def is_op_call(name):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastbnf import ops, reference
-from fastbnf._schemas import OP_NAMES
+from fastbnf.ops.library import OP_NAMES
 
 SHAPES = [(7, 3), (), (0, 4), (129,), (2, 3, 5)]
 
@@ -135,8 +135,8 @@ def test_compiled_kernels_have_cpp_autograd_nodes(backend):
     kl = ops.kl(means, logvars, link=link)
     views, _, _ = ops.sample(means, logvars, split=True, link=link)
     if backend == "torch":
-        assert type(views[0].grad_fn).__name__ == "_SampleBackward"
-        assert type(kl.grad_fn).__name__ == "_KLBackward"
+        assert type(views[0].grad_fn).__name__ == "SampleBackward"
+        assert type(kl.grad_fn).__name__ == "KLBackward"
     else:
         assert views[0].grad_fn.name() == "fastbnf::SampleBackward"
         assert kl.grad_fn.name() == "fastbnf::KLBackward"
@@ -322,9 +322,9 @@ def test_double_backward_is_a_clear_error(backend, op):
 
 
 def opcheck_inputs():
-    means, logvars = make_group(shapes=[(3, 2), (4,)], requires_grad=True)
-    # Backward ops are not differentiable (double backward is an error): plain inputs.
-    plain = [t.detach() for t in means], [t.detach() for t in logvars]
+    # The ops have no autograd (fastbnf.ops' functions differentiate them): plain inputs.
+    means, logvars = make_group(shapes=[(3, 2), (4,)], requires_grad=False)
+    plain = means, logvars
     priors = [torch.randn(3, 2), torch.randn(4)]
     rng = torch.tensor([123, 0])
     prior = (0.5, [1.0, 2.0], priors)
@@ -346,7 +346,7 @@ def test_opcheck_sample(backend):
     r"""``sample`` draws fresh noise per call, so opcheck's reruns compare shapes only when the
     generator is not reset; reseeding before each call keeps every comparison exact."""
 
-    means, logvars = make_group(shapes=[(3, 2), (4,)])
+    means, logvars = make_group(shapes=[(3, 2), (4,)], requires_grad=False)
     args = (means, logvars, 2, None, True, 1.0, None, None, 0)
 
     class Reseed(torch.overrides.TorchFunctionMode):
@@ -357,6 +357,16 @@ def test_opcheck_sample(backend):
 
     with Reseed():
         torch.library.opcheck(torch.ops.fastbnf.sample, args)
+
+
+def test_ops_themselves_have_no_autograd(backend):
+    r"""Autograd lives in fastbnf.ops' functions (two paths: tests/test_autograd_paths.py), not
+    on the ops: a backward through an op itself fails, rather than computing anything."""
+
+    means, logvars = make_group(shapes=[(3,)], requires_grad=True)
+    kl = torch.ops.fastbnf.kl(means, logvars, 1.0, None, None)
+    with pytest.raises(RuntimeError, match="fastbnf.kl.default but no autograd formula"):
+        kl.backward()
 
 
 def test_profiler_shows_one_call_per_group(backend):

@@ -1,17 +1,16 @@
 r"""The op boundary: the differentiable functions the model calls.
 
-The public ops ``torch.ops.fastbnf.*`` are declared from :mod:`fastbnf._schemas` and implemented
-here: each call runs the compiled kernel op ``fastbnf::<name>_kernel`` or the pure-PyTorch twin
-in :mod:`fastbnf.reference`, as :func:`fastbnf.backend` says for the device at call time.
+The ops ``torch.ops.fastbnf.*`` are declared in :mod:`fastbnf.ops.library`, a leaf, and
+implemented in :mod:`fastbnf.ops.dispatch`: each call runs the compiled kernel op
+``fastbnf::<name>_kernel`` or the pure-PyTorch twin in :mod:`fastbnf.reference`, as
+:func:`fastbnf.backend` says for the device at call time. The ops have no autograd of their own.
 
-Three paths lead to them. Under :func:`torch.compile` the functions below trace into the graph
-(:mod:`fastbnf.ops.library`): the kernel ops inside :class:`torch.autograd.Function`\ s where
-the device has compiled kernels, the custom ops (definitions, fakes, registered autograd)
-elsewhere. In eager mode with compiled kernels they call the C++ autograd nodes of
-:mod:`fastbnf.ops.native`; otherwise the :class:`torch.autograd.Function`\ s of
-:mod:`fastbnf.ops.eager`, which run the same implementation. Every call shows in
-:mod:`torch.profiler` as ``fastbnf::<name>``. :mod:`fastbnf.ops.dispatch` picks the backend of a
-call; :mod:`fastbnf.ops.link` ties a KL to the next sample of its group.
+The functions below differentiate them along one of two paths, which compute the same
+(``tests/test_autograd_paths.py``): the C++ autograd nodes of :mod:`fastbnf.ops.native`, in
+eager mode on a device with compiled kernels, and the :class:`torch.autograd.Function`\ s of
+:mod:`fastbnf.ops.functions` everywhere else, :func:`torch.compile` included. Every call shows in
+:mod:`torch.profiler` as ``fastbnf::<name>``. :mod:`fastbnf.ops.link` ties a KL to the next
+sample of its group.
 """
 
 __all__ = [
@@ -28,21 +27,14 @@ import torch
 from collections.abc import Sequence
 from torch import Tensor
 
-from . import native
-from .eager import _KL, _apply, _Sample, _Variance
-from .library import TracedKL, TracedSample, traces_kernels, unflatten
+from .. import _flat
+from . import dispatch, library, native  # noqa: F401 (the ops' declarations, implementations)
+from .functions import KL, Sample, Variance, apply
 from .link import Link
 from .prior import STANDARD_NORMAL, Prior
 
-# The differentiable functions the model calls.
-
-
-def _traced_kernels(tensors: Sequence[Tensor]) -> bool:
-    r"""Whether a compiled step calls the kernel ops on these tensors (their device has compiled
-    kernels) rather than the public ops (the pure-PyTorch twin, or an empty group, for which the
-    public op raises the contract's error)."""
-
-    return len(tensors) > 0 and traces_kernels(tensors[0].device.type)
+#: Splits a flat tensor into views shaped like a list of tensors (:func:`fastbnf._flat.unflatten`).
+unflatten = _flat.unflatten
 
 
 def sample(
@@ -52,7 +44,7 @@ def sample(
     out_dtype: torch.dtype | None = None,
     with_kl: bool = False,
     prior: Prior = STANDARD_NORMAL,
-    stream: int = 0,
+    salt: int = 0,
     split: bool = False,
     link: Link | None = None,
 ) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:
@@ -67,7 +59,7 @@ def sample(
         out_dtype: The dtype of the samples, by default the group's.
         with_kl: Whether to compute the KL divergence to the prior in the same pass.
         prior: The prior of the KL.
-        stream: An integer folded into the noise's key (the data-parallel rank).
+        salt: An integer folded into the noise's key (the data-parallel rank).
         split: Whether to return the samples as one view per tensor, shaped like it (with a
             leading dim of size ``n``), rather than flat.
         link: The :class:`Link` of a KL of the same tensors, drawn without ``with_kl`` (eager
@@ -86,12 +78,11 @@ def sample(
         if not link.token.requires_grad:
             link = None  # the KL's node would not run in the backward
 
-    options = (n, out_dtype, with_kl, *prior, stream)
+    options = (n, out_dtype, with_kl, *prior, salt)
     if torch.compiler.is_compiling():
-        if _traced_kernels(means):
-            theta, kl, rng_state = TracedSample.apply(len(means), options, *means, *logvars)
-        else:
-            theta, kl, rng_state = torch.ops.fastbnf.sample(list(means), list(logvars), *options)
+        # Flat out of the function and split in the graph: a function's outputs that are views
+        # of each other are not traced.
+        theta, kl, rng_state = Sample.apply(options, False, None, None, *means, *logvars)
         return (unflatten(theta, means) if split else theta), kl, rng_state
 
     # The C++ nodes draw one sample at a time, and take a link only from a KL of theirs.
@@ -99,16 +90,16 @@ def sample(
     if module is not None and (link is None or link.native):
         token = None if link is None else link.token
         *theta, kl, rng_state = native.sample(
-            module, means, logvars, out_dtype, with_kl, prior, stream, split, token
+            module, means, logvars, out_dtype, with_kl, prior, salt, split, token
         )
         return (theta if split else theta[0]), kl, rng_state
     if link is not None and link.native:
         link = None  # not followed here: the KL's node then computes the KL's gradients alone
 
     if link is None:
-        *theta, kl, rng_state = _apply(_Sample, options, split, None, None, *means, *logvars)
+        *theta, kl, rng_state = apply(Sample, options, split, None, None, *means, *logvars)
     else:
-        *theta, kl, rng_state = _apply(_Sample, options, split, link, linked_tensors, link.token)
+        *theta, kl, rng_state = apply(Sample, options, split, link, linked_tensors, link.token)
     return (theta if split else theta[0]), kl, rng_state
 
 
@@ -132,17 +123,15 @@ def kl(
     """
 
     if torch.compiler.is_compiling():
-        if _traced_kernels(means):
-            return TracedKL.apply(len(means), tuple(prior), *means, *logvars)
-        return torch.ops.fastbnf.kl(list(means), list(logvars), *prior)
+        return KL.apply(prior, None, *means, *logvars)
     linked = link is not None and torch.is_grad_enabled()
     module = native.usable(means)
     if module is not None:
         outputs = native.kl(module, means, logvars, prior, linked)
     elif linked:
-        outputs = _apply(_KL, prior, link, *means, *logvars)
+        outputs = apply(KL, prior, link, *means, *logvars)
     else:
-        return _apply(_KL, prior, None, *means, *logvars)
+        return apply(KL, prior, None, *means, *logvars)
     if linked:
         link.token = outputs[1]
         link.tensors = (*means, *logvars)
@@ -157,6 +146,4 @@ def variance(logvars: Sequence[Tensor]) -> Tensor:
         logvars: The posterior log-variances of a group's tensors.
     """
 
-    if torch.compiler.is_compiling():
-        return torch.ops.fastbnf.variance(list(logvars))
-    return _apply(_Variance, *logvars)
+    return apply(Variance, *logvars)

@@ -1,57 +1,106 @@
-r"""The ops as :mod:`torch.library` sees them: the kernel ops' definitions, the public custom
-ops (which pick the backend at call time), their fake kernels, and the autograd registered for
-them. This is the path :func:`torch.compile` traces.
+r"""The op library: every schema and fake kernel of fastbnf's ops, declared once.
+
+A leaf: it imports nothing of fastbnf, so that the ops exist (for the extension to register
+kernels to, for :func:`torch.compile` to trace) before anything else is loaded.
+
+Every op exists twice with the same schema: the public op ``fastbnf::<name>``, implemented in
+Python (:mod:`fastbnf.ops.dispatch` registers its implementation, which picks a backend at
+call time), and the compiled kernel ``fastbnf::<name>_kernel``, whose CPU and CUDA
+implementations the extension ``fastbnf._C`` registers. Declaring both here means the ops exist
+whether or not the extension is built, and that C++ only ever registers implementations. No op
+has autograd: the differentiable functions are :mod:`fastbnf.ops`' (``docs/design.md``).
+
+For a group of T tensors (one device, one dtype) with N elements in all, in group order:
+
+``sample(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, salt)``
+    returns ``(theta, kl, rng_state)``. ``theta`` is flat, ``(N,)`` when ``n`` is None and
+    ``(n, N)`` otherwise, in ``out_dtype`` or the group's dtype; ``theta = mu + sigma * eps``
+    with ``sigma = exp(softclip(logvar, 18) / 2)``. ``kl`` is a 0-dim tensor of the group's
+    dtype, the KL divergence to the prior when ``with_kl`` and zero otherwise. ``rng_state``
+    is an int64 ``(seed, offset)`` pair on the group's device from which ``eps`` can be
+    regenerated; ``salt`` is folded into the seed (the data-parallel rank).
+``sample_backward(grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var,
+prior_vars, prior_means)``
+    returns the flat gradients ``(grad_means, grad_logvars)``, both ``(N,)`` in the group's
+    dtype, summed over the ``n`` samples, with the KL's terms added when ``with_kl``.
+``kl(means, logvars, prior_var, prior_vars, prior_means)`` and ``kl_backward(grad_kl, ...)``
+    the KL alone and its flat gradients.
+``variance(logvars)``
+    the flat ``exp(softclip(logvar, 18))``, for the local reparameterization trick.
+``adam_step(grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state, step, lr,
+beta1, beta2, eps, weight_decay, kl_weight, prior_var, prior_vars, prior_means, salt)``
+    one step of :class:`fastbnf.optim.VariationalAdam` in place, and returns the
+    ``rng_state`` of the next sample. With ``eps`` regenerated from ``rng_state`` and
+    ``grad_theta`` the ``(N,)`` gradient of the data loss with respect to the sample ``theta``
+    drawn from it,
+    the means' and log-variances' gradients are ``sample_backward``'s with ``grad_kl =
+    kl_weight``; AdamW (``csrc/common/adam_math.h``; ``weight_decay`` on the means only) then
+    updates the means, the log-variances and their moments (``exp_avgs`` and ``exp_avg_sqs``,
+    ``(2 N,)``: the means' then the log-variances'), and the next sample is drawn from the
+    updated posterior with a new key into ``theta``. This kernel op has no public op in front
+    of it: the optimizer calls it, or its twin, directly.
+
+The prior of tensor t is ``N(m_t, v_t)`` with ``v_t = prior_vars[t]`` (or ``prior_var``) and
+``m_t = prior_means[t]`` (or 0). Every backend checks the same input contract (dtypes, shapes,
+devices, prior arguments; ``csrc/group.h`` and its twin :mod:`fastbnf._contract`), with the same
+messages, and computes the per-element maths of ``csrc/common/posterior_math.h``.
 """
+
+__all__ = ["KERNEL_SUFFIX", "LIBRARY", "OP_NAMES", "SCHEMAS"]
 
 import torch
 
 from collections.abc import Sequence
 from torch import Tensor
 
-from .. import reference
-from .._backend import backend
-from .._schemas import KERNEL_SUFFIX, SCHEMAS
-from .dispatch import _device, _run
+_PRIOR = "float prior_var, float[]? prior_vars, Tensor[]? prior_means"
 
-_LIBRARY = torch.library.Library("fastbnf", "FRAGMENT")
+SCHEMAS: dict[str, str] = {
+    "sample": (
+        "(Tensor[] means, Tensor[] logvars, int? n, ScalarType? out_dtype, bool with_kl, "
+        f"{_PRIOR}, int salt) -> (Tensor theta, Tensor kl, Tensor rng_state)"
+    ),
+    "sample_backward": (
+        "(Tensor grad_theta, Tensor grad_kl, Tensor[] means, Tensor[] logvars, "
+        f"Tensor rng_state, bool with_kl, {_PRIOR}) -> (Tensor grad_means, Tensor grad_logvars)"
+    ),
+    "kl": f"(Tensor[] means, Tensor[] logvars, {_PRIOR}) -> Tensor",
+    "kl_backward": (
+        f"(Tensor grad_kl, Tensor[] means, Tensor[] logvars, {_PRIOR}) "
+        "-> (Tensor grad_means, Tensor grad_logvars)"
+    ),
+    "variance": "(Tensor[] logvars) -> Tensor",
+    "adam_step": (
+        "(Tensor grad_theta, Tensor(a!)[] means, Tensor(b!)[] logvars, Tensor(c!) exp_avgs, "
+        "Tensor(d!) exp_avg_sqs, Tensor(e!) theta, Tensor rng_state, int step, float lr, "
+        f"float beta1, float beta2, float eps, float weight_decay, float kl_weight, {_PRIOR}, "
+        "int salt) -> Tensor next_rng_state"
+    ),
+}
+
+#: The ops with a public op in front of their kernel op (all but the optimizer's step).
+OP_NAMES = tuple(name for name in SCHEMAS if name != "adam_step")
+
+KERNEL_SUFFIX = "_kernel"
+
+#: The library fragment that owns the kernel ops' definitions (kept alive with this module).
+LIBRARY = torch.library.Library("fastbnf", "FRAGMENT")
 
 for _name, _schema in SCHEMAS.items():
-    _LIBRARY.define(f"{_name}{KERNEL_SUFFIX}{_schema}")
+    LIBRARY.define(f"{_name}{KERNEL_SUFFIX}{_schema}")
 
 
-# The public custom ops; their implementations pick the backend at call time.
+def _implemented_elsewhere(*args, **kwargs):
+    raise NotImplementedError(
+        "fastbnf: a public op ran before fastbnf.ops.dispatch registered its implementation."
+    )
 
 
-@torch.library.custom_op("fastbnf::sample", mutates_args=(), schema=SCHEMAS["sample"])
-def _sample_op(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream):
-    args = (means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream)
-    return _run("sample", _device(means), *args)
-
-
-@torch.library.custom_op(
-    "fastbnf::sample_backward", mutates_args=(), schema=SCHEMAS["sample_backward"]
-)
-def _sample_backward_op(
-    grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var, prior_vars, prior_means
-):
-    args = (grad_theta, grad_kl, means, logvars, rng_state, with_kl, prior_var, prior_vars)
-    return _run("sample_backward", grad_theta.device, *args, prior_means)
-
-
-@torch.library.custom_op("fastbnf::kl", mutates_args=(), schema=SCHEMAS["kl"])
-def _kl_op(means, logvars, prior_var, prior_vars, prior_means):
-    return _run("kl", _device(means), means, logvars, prior_var, prior_vars, prior_means)
-
-
-@torch.library.custom_op("fastbnf::kl_backward", mutates_args=(), schema=SCHEMAS["kl_backward"])
-def _kl_backward_op(grad_kl, means, logvars, prior_var, prior_vars, prior_means):
-    args = (grad_kl, means, logvars, prior_var, prior_vars, prior_means)
-    return _run("kl_backward", _device(means), *args)
-
-
-@torch.library.custom_op("fastbnf::variance", mutates_args=(), schema=SCHEMAS["variance"])
-def _variance_op(logvars):
-    return _run("variance", _device(logvars), logvars)
+# The public ops, whose implementations fastbnf.ops.dispatch registers for every device.
+for _name in OP_NAMES:
+    torch.library.custom_op(
+        f"fastbnf::{_name}", _implemented_elsewhere, mutates_args=(), schema=SCHEMAS[_name]
+    )
 
 
 # Fake kernels: shapes and dtypes only, for torch.compile and opcheck.
@@ -67,9 +116,7 @@ def _flat_like(tensors: Sequence[Tensor], shape, dtype=None) -> Tensor:
     return tensors[0].new_empty(shape, dtype=dtype)
 
 
-def _fake_sample(
-    means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream
-):
+def _fake_sample(means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, salt):
     shape = (_numel(means),) if n is None else (n, _numel(means))
     theta = _flat_like(means, shape, out_dtype)
     return theta, _flat_like(means, ()), _flat_like(means, (2,), torch.int64)
@@ -95,169 +142,21 @@ def _fake_variance(logvars):
     return _flat_like(logvars, (_numel(logvars),))
 
 
+def _fake_adam_step(grad_theta, *args):
+    return grad_theta.new_empty((2,), dtype=torch.int64)
+
+
 _FAKES = {
     "sample": _fake_sample,
     "sample_backward": _fake_sample_backward,
     "kl": _fake_kl,
     "kl_backward": _fake_kl_backward,
     "variance": _fake_variance,
+    "adam_step": _fake_adam_step,
 }
 
-# The kernel ops get the same fakes, so that opcheck can test them on their own.
+# The kernel ops get the public ops' fakes, so that opcheck can test them on their own.
 for _name, _fake in _FAKES.items():
-    torch.library.register_fake(f"fastbnf::{_name}", _fake)
-    torch.library.register_fake(f"fastbnf::{_name}{KERNEL_SUFFIX}", _fake, lib=_LIBRARY)
-
-
-def _fake_adam_step(grad_theta, *args):
-    return grad_theta.new_empty((2,), dtype=torch.int64)
-
-
-# The fused optimizer step has a kernel op and no public op.
-torch.library.register_fake(f"fastbnf::adam_step{KERNEL_SUFFIX}", _fake_adam_step, lib=_LIBRARY)
-
-
-# Autograd of the custom ops (the traced path).
-
-
-def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    r"""Splits a flat tensor into views shaped like a list of tensors.
-
-    One :func:`torch.split_with_sizes` and views, not one ``narrow`` per tensor: the backward of
-    the latter adds every gradient into a full-size buffer, quadratic in the number of tensors.
-
-    Arguments:
-        flat: A flat tensor, with as many elements as the tensors together along its last dim.
-        like: The tensors whose shapes to take.
-
-    Returns:
-        The views, one per tensor.
-    """
-
-    lead = flat.shape[:-1]
-    pieces = flat.split_with_sizes([t.numel() for t in like], dim=-1)
-    return [piece.view((*lead, *t.shape)) for piece, t in zip(pieces, like, strict=True)]
-
-
-def _no_grads(inputs) -> tuple:
-    r"""The gradients of non-differentiable inputs, shaped as autograd expects them: one
-    :py:`None` per tensor of a list of tensors, one per anything else."""
-
-    return tuple(
-        [None] * len(x)
-        if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor)
-        else None
-        for x in inputs
-    )
-
-
-def _setup_sample(ctx, inputs, output):
-    means, logvars, n, out_dtype, with_kl, prior_var, prior_vars, prior_means, stream = inputs
-    ctx.options = (with_kl, prior_var, prior_vars, prior_means)
-    ctx.save_for_backward(*means, *logvars, output[2])
-    ctx.count = len(means)
-    ctx.no_grads = _no_grads(inputs[2:])
-
-
-def _sample_autograd(ctx, grad_theta, grad_kl, grad_rng):
-    saved = ctx.saved_tensors
-    means, logvars = saved[: ctx.count], saved[ctx.count : 2 * ctx.count]
-    rng_state = saved[-1]
-    grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward(
-        grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
-    )
-    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
-
-
-_sample_op.register_autograd(_sample_autograd, setup_context=_setup_sample)
-
-
-def _setup_kl(ctx, inputs, output):
-    means, logvars, *options = inputs
-    ctx.options = tuple(options)
-    ctx.save_for_backward(*means, *logvars)
-    ctx.count = len(means)
-    ctx.no_grads = _no_grads(options)
-
-
-def _kl_autograd(ctx, grad_kl):
-    saved = ctx.saved_tensors
-    means, logvars = saved[: ctx.count], saved[ctx.count :]
-    grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward(grad_kl, means, logvars, *ctx.options)
-    return unflatten(grad_mu, means), unflatten(grad_logvar, logvars), *ctx.no_grads
-
-
-_kl_op.register_autograd(_kl_autograd, setup_context=_setup_kl)
-
-
-def _variance_grad(grad: Tensor, logvars: Sequence[Tensor]) -> list[Tensor]:
-    flat = torch.cat([lv.reshape(-1) for lv in logvars])
-    grad_flat = grad * reference.softclip(flat).exp() * reference.softclip_grad(flat)
-    return unflatten(grad_flat, logvars)
-
-
-def _setup_variance(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[0])
-
-
-def _variance_autograd(ctx, grad):
-    return _variance_grad(grad, ctx.saved_tensors)
-
-
-_variance_op.register_autograd(_variance_autograd, setup_context=_setup_variance)
-
-
-@torch.compiler.assume_constant_result
-def traces_kernels(device_type: str) -> bool:
-    r"""Whether a compiled step calls the kernel ops on a device type (its backend is compiled)
-    rather than the public ops (the pure-PyTorch twin). Decided when the step is traced, as a
-    constant: a later ``FASTBNF_BACKEND`` does not change a compiled graph."""
-
-    return backend(device_type) != "torch"
-
-
-# The compiled kernels in a compiled step: autograd.Functions that dynamo traces into the graph,
-# around the kernel ops, which have no autograd kernel of their own. A compiled graph calls them
-# through the dispatcher alone, where an op with autograd registered in Python (the public ops)
-# costs several times the kernels' own host time on every call.
-
-
-class TracedSample(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, count, options, *tensors):
-        means, logvars = list(tensors[:count]), list(tensors[count:])
-        theta, kl, rng_state = torch.ops.fastbnf.sample_kernel(means, logvars, *options)
-        ctx.count = count
-        n, out_dtype, with_kl, *prior, stream = options
-        ctx.options = (with_kl, *prior)
-        ctx.save_for_backward(*tensors, rng_state)
-        ctx.mark_non_differentiable(rng_state)
-        return theta, kl, rng_state
-
-    @staticmethod
-    def backward(ctx, grad_theta, grad_kl, _):
-        *tensors, rng_state = ctx.saved_tensors
-        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
-        grad_mu, grad_logvar = torch.ops.fastbnf.sample_backward_kernel(
-            grad_theta, grad_kl, means, logvars, rng_state, *ctx.options
-        )
-        return None, None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
-
-
-class TracedKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, count, prior, *tensors):
-        means, logvars = list(tensors[:count]), list(tensors[count:])
-        ctx.count = count
-        ctx.prior = prior
-        ctx.save_for_backward(*tensors)
-        return torch.ops.fastbnf.kl_kernel(means, logvars, *prior)
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        tensors = ctx.saved_tensors
-        means, logvars = tensors[: ctx.count], tensors[ctx.count :]
-        grad_mu, grad_logvar = torch.ops.fastbnf.kl_backward_kernel(
-            grad_kl, means, logvars, *ctx.prior
-        )
-        return None, None, *unflatten(grad_mu, means), *unflatten(grad_logvar, logvars)
+    if _name in OP_NAMES:
+        torch.library.register_fake(f"fastbnf::{_name}", _fake)
+    torch.library.register_fake(f"fastbnf::{_name}{KERNEL_SUFFIX}", _fake, lib=LIBRARY)

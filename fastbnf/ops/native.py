@@ -1,9 +1,10 @@
-r"""The eager path with compiled kernels: C++ autograd nodes (``csrc/eager_nodes.h``).
+r"""The ops' C++ autograd path: the autograd nodes of ``csrc/eager_nodes.h``.
 
 One call per group and direction, and no Python in the backward: a small model's step is bound
-by host time, which the :class:`torch.autograd.Function`\ s of :mod:`fastbnf.ops.eager` add to
-(``docs/design.md`` has the measurements). They remain the path of the pure-PyTorch backend, of
-functorch transforms and of several samples at once; both compute the same.
+by host time, which Python autograd functions add to (``docs/design.md``). The nodes take one
+sample at a time, in eager mode, on a device with compiled kernels and outside functorch
+transforms; :mod:`fastbnf.ops.functions` takes every other call, and both compute the same
+(``tests/test_autograd_paths.py``).
 """
 
 import torch
@@ -53,12 +54,12 @@ def sample(
     out_dtype: torch.dtype | None,
     with_kl: bool,
     prior: Prior,
-    stream: int,
+    salt: int,
     split: bool,
     token: Tensor | None,
 ) -> list[Tensor]:
     r"""``[theta, kl, rng_state]``, or ``[pieces..., kl, rng_state]`` when ``split``."""
 
     return module.eager_sample(
-        list(means), list(logvars), out_dtype, with_kl, *_prior_args(prior), stream, split, token
+        list(means), list(logvars), out_dtype, with_kl, *_prior_args(prior), salt, split, token
     )

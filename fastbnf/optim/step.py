@@ -7,9 +7,9 @@ import torch
 from collections.abc import Callable, Sequence
 from torch import Tensor
 
-from ..ops.dispatch import _device, _run
+from ..ops.dispatch import device_of, run
 from ..ops.prior import STANDARD_NORMAL, Prior
-from ..reference import adam_posterior_update
+from .adamw import adam_posterior_update
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def variational_adam_step(
     weight_decay: float = 0.0,
     kl_weight: float = 1.0,
     prior: Prior = STANDARD_NORMAL,
-    stream: int = 0,
+    salt: int = 0,
     average: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     r"""Takes one variational Adam step of a group and draws its next sample into ``theta``.
@@ -63,7 +63,7 @@ def variational_adam_step(
         weight_decay: The decoupled weight decay of the means (AdamW's).
         kl_weight: The weight :math:`\lambda` of the KL divergence in the loss.
         prior: The prior of the KL.
-        stream: An integer folded into the noise's key (the data-parallel rank).
+        salt: An integer folded into the noise's key (the data-parallel rank).
         average: A function that averages, in place, the group's flat gradient (of the means,
             then of the log-variances) over data-parallel ranks before the update.
 
@@ -74,16 +74,16 @@ def variational_adam_step(
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"variational_adam_step: step must be an integer >= 1, got {step!r}.")
 
-    device = _device(means)
+    device = device_of(means)
     beta1, beta2 = betas
     if average is None:
         hyper = (step, lr, beta1, beta2, eps, weight_decay, kl_weight)
         args = (grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state)
-        return _run("adam_step", device, *args, *hyper, *prior, stream)
+        return run("adam_step", device, *args, *hyper, *prior, salt)
 
     # A fill, not a copy from the host: no transfer on a GPU.
     grad_kl = torch.full((), kl_weight, dtype=means[0].dtype, device=device)
-    grad_mu, grad_logvar = _run(
+    grad_mu, grad_logvar = run(
         "sample_backward", device, grad_theta, grad_kl, means, logvars, rng_state, True, *prior
     )
     # Each rank's reparameterization gradient, with its own noise, then their mean.
@@ -94,7 +94,7 @@ def variational_adam_step(
         means, logvars, grad_mu, grad_logvar, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2,
         eps, weight_decay,
     )  # fmt: skip
-    options = (None, theta.dtype, False, *prior, stream)  # one sample, no KL
-    sample, _, next_state = _run("sample", device, means, logvars, *options)
+    options = (None, theta.dtype, False, *prior, salt)  # one sample, no KL
+    sample, _, next_state = run("sample", device, means, logvars, *options)
     theta.copy_(sample)
     return next_state

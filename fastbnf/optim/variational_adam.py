@@ -15,7 +15,8 @@ from typing import Any
 from .. import ops
 from .._sharding import is_dtensor
 from ..bayesian import BayesianModel
-from .._compat import adam_update, local_part
+from .._compat import local_part
+from .adamw import adam_update
 from .step import variational_adam_step
 
 
@@ -432,7 +433,7 @@ class VariationalAdam(torch.optim.Optimizer):
                 weight_decay=weight_decay,
                 kl_weight=kl_weight,
                 prior=prior,
-                stream=self.model._stream(),
+                salt=self.model._stream(),
                 average=average,
             )
             # The next sample's shards, where FSDP's forward gathers them from.
