@@ -62,28 +62,30 @@ def sample(
         salt: An integer folded into the noise's key (the data-parallel rank).
         split: Whether to return the samples as one view per tensor, shaped like it (with a
             leading dim of size ``n``), rather than flat.
-        link: The :class:`Link` of a KL of the same tensors, drawn without ``with_kl`` (eager
-            mode only): their backward is then one kernel call.
+        link: The :class:`Link` of a KL of the same tensors, drawn without ``with_kl``: their
+            backward is then one kernel call (eager mode; ignored under :func:`torch.compile`).
 
     Returns:
         The samples, flat with shape :math:`(N)` or :math:`(n, N)` or split, the KL divergence
         (zero unless ``with_kl``), and the ``(seed, offset)`` state the noise was drawn from.
     """
 
-    if link is not None:
-        if with_kl:
-            raise ValueError("sample() takes a link only without with_kl")
-        # Read by the sample, but not its inputs: the KL's node has their edges.
-        linked_tensors = link.take(means, logvars)
-        if not link.token.requires_grad:
-            link = None  # the KL's node would not run in the backward
+    if link is not None and with_kl:
+        raise ValueError("sample() takes a link only without with_kl")
 
     options = (n, out_dtype, with_kl, *prior, salt)
     if torch.compiler.is_compiling():
+        # A link ties two eager nodes; kl() ignores it in a traced graph, and so does this.
         # Flat out of the function and split in the graph: a function's outputs that are views
         # of each other are not traced.
         theta, kl, rng_state = Sample.apply(options, False, None, None, *means, *logvars)
         return (unflatten(theta, means) if split else theta), kl, rng_state
+
+    if link is not None:
+        # Read by the sample, but not its inputs: the KL's node has their edges.
+        linked_tensors = link.take(means, logvars)
+        if not link.token.requires_grad:
+            link = None  # the KL's node would not run in the backward
 
     # The C++ nodes draw one sample at a time, and take a link only from a KL of theirs.
     module = native.usable(means) if n is None else None
