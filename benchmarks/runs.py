@@ -27,12 +27,15 @@ from pathlib import Path
 from .report import fmt_time, order
 
 
-def run_once(pytest_args: list[str]) -> dict:
+def run_once(pytest_args: list[str], cwd: Path | None = None) -> dict:
+    r"""One ``pytest --benchmark-only`` run, in its own process, in the checkout ``cwd`` (by
+    default the current one), and its JSON without the per-round samples."""
+
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "run.json"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         command += ["--benchmark-only", f"--benchmark-json={path}", *pytest_args]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=cwd)
         data = json.loads(path.read_text())
     for row in data["benchmarks"]:
         row["stats"].pop("data", None)
