@@ -23,6 +23,8 @@ from torch.func import functional_call
 
 import fastbnf
 
+from fastbnf import metrics
+
 #: The selector of the LoRA factors in a peft model's parameter names, such as
 #: ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight``.
 LORA = ["**.lora_A", "**.lora_B"]
@@ -152,10 +154,6 @@ def train(
     return losses
 
 
-def entropy(p: Tensor) -> Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-
 def uncertainty(bm: fastbnf.BayesianModel, x: Tensor, samples: int) -> dict[str, Tensor]:
     r"""The next token's predictive uncertainty at every position, over posterior samples.
 
@@ -170,15 +168,15 @@ def uncertainty(bm: fastbnf.BayesianModel, x: Tensor, samples: int) -> dict[str,
         # All samples in one vmapped call: (samples, sequences, positions, vocab).
         logits = bm.predict(input_ids=x, samples=samples).logits
     # The last position's next token lies beyond the sequence: it was never trained.
-    p = logits[:, :, :-1].softmax(dim=-1)
+    logits = logits[:, :, :-1]
 
-    mean = p.mean(dim=0)
-    top = mean.argmax(dim=-1, keepdim=True).expand(samples, -1, -1, -1)
+    p = logits.softmax(dim=-1)
+    top = metrics.predictive_probs(logits).argmax(dim=-1, keepdim=True)
 
     return {
-        "entropy": entropy(mean),
-        "mutual_info": entropy(mean) - entropy(p).mean(dim=0),
-        "spread": p.gather(-1, top).squeeze(-1).std(dim=0),
+        "entropy": metrics.entropy(logits),
+        "mutual_info": metrics.mutual_info(logits),
+        "spread": p.gather(-1, top.expand(samples, -1, -1, -1)).squeeze(-1).std(dim=0),
     }
 
 
