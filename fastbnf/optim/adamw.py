@@ -60,7 +60,6 @@ def adam_update(
     f["addcdiv_"](params, exp_avgs, denoms, -step_size)
 
 
-
 def adam_posterior_update(
     means: Sequence[Tensor],
     logvars: Sequence[Tensor],
