@@ -206,12 +206,12 @@ class VariationalAdam(torch.optim.Optimizer):
         # module (which shards the parameters of all its submodules) gives it a class of its
         # own, so that one identity check per module tells, every step, whether the walks over
         # the slots below are needed (microseconds per tensor).
-        slots = {id(m) for places in self._places for m, _, _ in places}
-        slots |= {id(m) for m, _ in self._other_places.values()}
+        with_slots = {id(m) for places in self._places for m, _, _ in places}
+        with_slots |= {id(m) for m, _ in self._other_places.values()}
         self._classes = []
         seen = set()
         for name, module in model.named_modules(remove_duplicate=False):
-            if id(module) not in slots:
+            if id(module) not in with_slots:
                 continue
             parts = name.split(".") if name else []
             for k in range(len(parts) + 1):
