@@ -26,13 +26,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from torch import Tensor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._compat import swap_parameter
 from .._sharding import is_dtensor
 
-if TYPE_CHECKING:
-    from .posterior import Group
+
+class Group(Protocol):
+    r"""What the slots read of a group of the posterior (:class:`fastbnf.model.posterior.Group`,
+    which imports this module): its slots, each with the index of its tensor, and the names."""
+
+    places: list[tuple[nn.Module, str, int]]
+    names: list[str]
+
 
 # A slot's module and attribute, what was there and the sample put there (swap_in).
 Swapped = list[tuple[nn.Module, str, Tensor, Tensor]]
