@@ -189,10 +189,12 @@ class BayesianModel(nn.Module):
         # recompile.
         posterior.build()
 
-    # The options, kept by the posterior, which reads them.
+    # The options, kept by the posterior, which reads them when it draws.
 
     @property
     def sample_dtype(self) -> torch.dtype | None:
+        r"""The dtype of the samples, by default that of the posterior."""
+
         return self._posterior.sample_dtype
 
     @sample_dtype.setter
@@ -201,6 +203,8 @@ class BayesianModel(nn.Module):
 
     @property
     def fold_rank(self) -> bool:
+        r"""Whether each rank draws its own noise."""
+
         return self._posterior.fold_rank
 
     @fold_rank.setter
@@ -209,6 +213,8 @@ class BayesianModel(nn.Module):
 
     @property
     def keep_base_weights(self) -> bool:
+        r"""Whether the base model keeps its own copy of the selected weights."""
+
         return self._posterior.keep_base_weights
 
     @keep_base_weights.setter

@@ -159,7 +159,9 @@ class LocalTrick:
         return self.cache
 
     @contextmanager
-    def patched(self, layers: Layers, others: frozenset[str]) -> Iterator[dict[nn.Module, Callable]]:
+    def patched(
+        self, layers: Layers, others: frozenset[str]
+    ) -> Iterator[dict[nn.Module, Callable]]:
         r"""Patches the forwards of the trick's layers for the duration of a context.
 
         Arguments:
