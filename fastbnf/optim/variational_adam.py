@@ -205,7 +205,7 @@ class VariationalAdam(torch.optim.Optimizer):
         # The classes of the modules with slots and of their ancestors: fully_shard() of a
         # module (which shards the parameters of all its submodules) gives it a class of its
         # own, so that one identity check per module tells, every step, whether the walks over
-        # the slots below are needed (microseconds per tensor).
+        # the slots below are needed (host time per tensor, every step: bench_step).
         with_slots = {id(m) for places in self._places for m, _, _ in places}
         with_slots |= {id(m) for m, _ in self._other_places.values()}
         self._classes = []
