@@ -6,9 +6,16 @@ fused op per group of parameters, in C++ on CPU, CUDA on GPUs, or pure PyTorch e
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesianModel", "backend", "cached_bytes", "empty_cache", "optim"]
+__all__ = [
+    "BayesianModel",
+    "backend",
+    "cached_bytes",
+    "empty_cache",
+    "metrics",
+    "optim",
+]
 
-from . import optim
+from . import metrics, optim
 from ._backend import backend
-from .bayesian import BayesianModel
+from .model import BayesianModel
 from .cache import cached_bytes, empty_cache

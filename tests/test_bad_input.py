@@ -73,7 +73,7 @@ def test_prior_var(prior_var):
     with pytest.raises(ValueError, match="prior_var"):
         with model.reparameterize(return_kl=True, prior_var=prior_var):
             pass
-    assert not model._active
+    assert not model._slots.active
 
 
 @pytest.mark.parametrize("prior_mean", [0.5, "zero", None])

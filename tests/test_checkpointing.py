@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 
 import fastbnf
 import fastbnf.checkpointing
+import fastbnf.model.checkpointing
 
 from fastbnf.checkpointing import checkpoint, context_fn
 
@@ -201,17 +202,17 @@ def test_no_false_alarm_outside_backward():
     fastbnf.checkpointing.disarm(bm)
     with torch.no_grad():
         bm(plain, x)  # exits without autograd: nothing to arm
-    assert all(fastbnf.checkpointing._KEY not in m._forward_pre_hooks for m in bm.base)
+    assert all(fastbnf.model.checkpointing._KEY not in m._forward_pre_hooks for m in bm.base)
 
 
 def test_sentinels_come_off_on_the_next_context():
     bm = model()
     x = torch.randn(8, 3)
     bm(plain, x)
-    assert fastbnf.checkpointing._KEY in bm.base[0]._forward_pre_hooks
+    assert fastbnf.model.checkpointing._KEY in bm.base[0]._forward_pre_hooks
 
     with bm.reparameterize() as m:
-        assert fastbnf.checkpointing._KEY not in bm.base[0]._forward_pre_hooks
+        assert fastbnf.model.checkpointing._KEY not in bm.base[0]._forward_pre_hooks
         # Backward inside the context: the plain checkpoint is fine.
         torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False).sum().backward()
 

@@ -61,4 +61,4 @@ def check_compiled_step(style, device):
         assert grads.keys() == eager_grads.keys()
         for key, grad in grads.items():
             torch.testing.assert_close(grad, eager_grads[key], msg=key)
-    assert not bm._active  # the context closed in the compiled code too
+    assert not bm._slots.active  # the context closed in the compiled code too

@@ -442,7 +442,7 @@ def ranks_variational_refuse(rank: int, init_file: str) -> None:
         sharding(bm)
         with pytest.raises(RuntimeError, match="0.weight' is sharded.*Create the optimizer first"):
             Adam(bm)
-        assert bm._held is None
+        assert bm._slots.held is None
 
     # The BayesianModel sharded after the optimizer: its posterior is shards.
     bm = make()
@@ -466,7 +466,7 @@ def ranks_variational_refuse(rank: int, init_file: str) -> None:
     # The frozen weights cannot go back into slots that FSDP manages.
     with pytest.raises(RuntimeError, match="cannot release"):
         optimizer.release()
-    assert bm._held is not None
+    assert bm._slots.held is not None
 
     dist.barrier()
 

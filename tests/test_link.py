@@ -150,11 +150,11 @@ def test_no_link_without_gradients(backend):
     bm = make_model()
     with torch.no_grad():
         bm.kl_divergence()
-    assert bm._links is None
+    assert bm._posterior.links is None
     kl = bm.kl_divergence()
     with torch.no_grad(), bm.reparameterize():
         pass  # a sample without gradients takes the links and drops them
-    assert bm._links is None
+    assert bm._posterior.links is None
     kl.backward()
     assert all(p.grad is not None for p in bm.means.values())
 
@@ -213,10 +213,10 @@ def test_links_do_not_survive_a_copy(backend):
 
     bm = make_model()
     bm.kl_divergence()
-    assert bm._links is not None
-    assert copy.deepcopy(bm)._links is None
+    assert bm._posterior.links is not None
+    assert copy.deepcopy(bm)._posterior.links is None
     bm.double()  # moving the parameters rebuilds the groups, and drops the links
-    assert bm._links is None
+    assert bm._posterior.links is None
 
 
 def test_a_link_is_checked(backend):

@@ -256,7 +256,7 @@ def test_tied_weights_get_one_treatment(backend, make, x):
     bm = fastbnf.BayesianModel(base, init_logvar=-30.0)
     key = [k for k in bm.means if k.endswith("weight")][0]
     expected = plain.get_parameter(key.replace("-", ".")).grad
-    layers, skip, _ = bm._trick_plan()
+    layers, skip, _ = bm._trick.plan()
 
     for local_trick in (False, True):
         bm.zero_grad()

@@ -279,7 +279,7 @@ def test_local_trick_equals_zukos(backend):
             theirs.means[key].normal_(0.0, 0.1)
             theirs.logvars[key].normal_(-4.0, 1.0)
     ours.load_state_dict(theirs.state_dict())
-    assert len(ours._trick_plan()[0]) == len(lora_names(ours.base))
+    assert len(ours._trick.plan()[0]) == len(lora_names(ours.base))
     x = data()
 
     losses = []

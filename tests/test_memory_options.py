@@ -103,7 +103,7 @@ def test_prior_mean_init_is_refused_before_anything_changes():
         bm.kl_divergence(prior_mean="init")
     with pytest.raises(ValueError, match=r"keep_base_weights=False"):
         VariationalAdam(bm, prior_mean="init")
-    assert bm._held is None
+    assert bm._slots.held is None
     for key, value in bm.state_dict().items():
         assert torch.equal(value, before[key]), key
 

@@ -45,7 +45,7 @@ def twins(dtype, init_logvar=-4.0):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_steps_equal_zukos_loop_with_the_same_noise(backend, dtype, tolerance, weight_decay):
     ours, theirs = twins(dtype)
-    (group,) = ours._get_groups()
+    (group,) = ours._posterior.groups()
     x, y = torch.randn(32, 3, dtype=dtype), torch.randn(32, 2, dtype=dtype)
     lam, prior_var, lr, betas = 1e-2, 0.5, 1e-2, (0.9, 0.99)
 
@@ -113,7 +113,7 @@ def test_steps_equal_zukos_loop_with_the_same_noise(backend, dtype, tolerance, w
 
 def test_the_next_sample_comes_from_the_updated_posterior(backend):
     ours, _ = twins(torch.float64, init_logvar=-2.0)
-    (group,) = ours._get_groups()
+    (group,) = ours._posterior.groups()
     means, logvars = group.means, group.logvars
     with torch.no_grad():
         theta, _, rng_state = ops.sample(means, logvars)
@@ -186,7 +186,7 @@ def test_the_fused_cuda_step_equals_the_composed_one(dtype, tolerance):
 
 def test_bad_arguments_change_nothing(backend):
     ours, _ = twins(torch.float64)
-    (group,) = ours._get_groups()
+    (group,) = ours._posterior.groups()
     means, logvars = group.means, group.logvars
     exp_avgs, exp_avg_sqs = flat_moments(means)
     before = [p.detach().clone() for p in [*means, *logvars]]
@@ -224,7 +224,7 @@ def held_noise(bm, optimizer):
     r"""The noise of the samples the optimizer holds, one tensor per key, in key order."""
 
     noise = []
-    for group, pieces in zip(bm._get_groups(), optimizer.samples):
+    for group, pieces in zip(bm._posterior.groups(), optimizer.samples):
         for mean, logvar, piece in zip(group.means, group.logvars, pieces):
             sigma = fastbnf.reference.softclip(logvar.detach()).div(2).exp()
             noise.append((piece.detach() - mean.detach()) / sigma)
@@ -392,7 +392,7 @@ def test_bad_optimizer_arguments(backend, kwargs, match):
     before = [p.detach().clone() for p in ours.base.parameters()]
     with pytest.raises(ValueError, match=match):
         VariationalAdam(ours, **kwargs)
-    assert ours._held is None
+    assert ours._slots.held is None
     for p, b in zip(ours.base.parameters(), before):
         assert torch.equal(p, b)
 

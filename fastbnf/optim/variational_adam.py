@@ -14,7 +14,9 @@ from typing import Any
 
 from .. import ops
 from .._sharding import is_dtensor
-from ..bayesian import BayesianModel
+from ..model import BayesianModel
+from ..model.posterior import posterior_of
+from ..model.slots import slots_of
 from .._compat import local_part
 from .adamw import adam_update
 from .step import variational_adam_step
@@ -135,7 +137,9 @@ class VariationalAdam(torch.optim.Optimizer):
             weight_decay=_check(weight_decay, "weight_decay"),
             kl_weight=_check(kl_weight, "kl_weight"),
         )
-        model._check_prior(prior_var, prior_mean)
+        # The model's internal interface (fastbnf.model.posterior, fastbnf.model.slots).
+        posterior, slots = posterior_of(model), slots_of(model)
+        posterior.check_prior(prior_var, prior_mean)
         # Sharding comes after the optimizer: fully_shard() must find the samples in the slots.
         for name, p in model.named_parameters():
             if is_dtensor(p):
@@ -146,24 +150,26 @@ class VariationalAdam(torch.optim.Optimizer):
                     "its modules (not to the BayesianModel, whose posterior the optimizer "
                     "keeps whole)."
                 )
-        if model._held is not None or model._active:
+        if slots.held is not None or slots.active:
             raise RuntimeError(
                 "VariationalAdam: the model's base holds samples already (another optimizer, "
                 "or an active reparameterize())."
             )
 
-        groups = model._get_groups()
-        posterior = [p for g in groups for p in (*g.means, *g.logvars)]
+        groups = posterior.groups()
+        params = [p for g in groups for p in (*g.means, *g.logvars)]
         # The base model's own trained parameters (its slots may hold the means themselves,
         # keep_base_weights=False: those are the posterior's).
-        ids = {id(p) for p in posterior}
+        ids = {id(p) for p in params}
         others = [p for p in model.base.parameters() if p.requires_grad and id(p) not in ids]
-        param_groups = [{"params": posterior, "posterior": True}]
+        param_groups = [{"params": params, "posterior": True}]
         if others:
             param_groups.append({"params": others, "posterior": False})
         super().__init__(param_groups, defaults)
 
         self.model = model
+        self._posterior = posterior
+        self._slots = slots
         # Where each non-Bayesian parameter sits in the base model, so that the step finds the
         # shard that a later fully_shard() puts there instead.
         self._other_places: dict[int, tuple[nn.Module, str]] = {}
@@ -171,7 +177,7 @@ class VariationalAdam(torch.optim.Optimizer):
             for attribute, p in module._parameters.items():
                 if p is not None and p.requires_grad and id(p) not in ids:
                     self._other_places.setdefault(id(p), (module, attribute))
-        self._priors = [model._prior(g, prior_var, prior_mean) for g in groups]
+        self._priors = [posterior.prior(g, prior_var, prior_mean) for g in groups]
         # Per group: the flat sample (the base model's leaves are views of it), the key it was
         # drawn from and the count of steps taken. Kept beside the optimizer's state, whose
         # loading would cast the int64 key to the parameters' dtype.
@@ -185,10 +191,10 @@ class VariationalAdam(torch.optim.Optimizer):
                     group.means,
                     group.logvars,
                     None,
-                    model.sample_dtype,
+                    posterior.sample_dtype,
                     False,
                     prior,
-                    model._stream(),
+                    posterior.salt(),
                 )
                 self._thetas.append(theta)
                 self._rng_states.append(rng_state)
@@ -200,13 +206,13 @@ class VariationalAdam(torch.optim.Optimizer):
         # The classes of the modules with slots and of their ancestors: fully_shard() of a
         # module (which shards the parameters of all its submodules) gives it a class of its
         # own, so that one identity check per module tells, every step, whether the walks over
-        # the slots below are needed (microseconds per tensor).
-        slots = {id(m) for places in self._places for m, _, _ in places}
-        slots |= {id(m) for m, _ in self._other_places.values()}
+        # the slots below are needed (host time per tensor, every step: bench_step).
+        with_slots = {id(m) for places in self._places for m, _, _ in places}
+        with_slots |= {id(m) for m, _ in self._other_places.values()}
         self._classes = []
         seen = set()
         for name, module in model.named_modules(remove_duplicate=False):
-            if id(module) not in slots:
+            if id(module) not in with_slots:
                 continue
             parts = name.split(".") if name else []
             for k in range(len(parts) + 1):
@@ -229,14 +235,14 @@ class VariationalAdam(torch.optim.Optimizer):
         ]
         self._exp_avg_sqs = [torch.zeros_like(m) for m in self._exp_avgs]
         self._bind_moments()
-        model._hold(pieces)
+        slots.hold(groups, pieces)
 
     def _bind_moments(self) -> None:
         r"""Makes each posterior parameter's ``exp_avg`` and ``exp_avg_sq`` its views of the
         group's flat moments."""
 
         for group, exp_avgs, exp_avg_sqs in zip(
-            self.model._get_groups(), self._exp_avgs, self._exp_avg_sqs
+            self._posterior.groups(), self._exp_avgs, self._exp_avg_sqs
         ):
             tensors = [*group.means, *group.logvars]
             views = zip(ops.unflatten(exp_avgs, tensors), ops.unflatten(exp_avg_sqs, tensors))
@@ -261,7 +267,7 @@ class VariationalAdam(torch.optim.Optimizer):
     def _check_means(self) -> None:
         if not self._resharded():
             return
-        for key, mean in self.model._modules["means"]._parameters.items():
+        for key, mean in self._posterior.means.items():
             if is_dtensor(mean):
                 raise RuntimeError(
                     f"VariationalAdam: means[{key!r}] is sharded (a DTensor of fully_shard(), "
@@ -336,7 +342,7 @@ class VariationalAdam(torch.optim.Optimizer):
                 "slots hold FSDP's shards of the samples. Read the posterior from the model's "
                 "means and logvars instead."
             )
-        self.model._release()
+        self._slots.release()
         self._pieces = []
         self._grad_views = []
 
@@ -393,7 +399,8 @@ class VariationalAdam(torch.optim.Optimizer):
         return loss
 
     def _posterior_step(self, kl_weight, samples, lr, betas, eps, weight_decay) -> None:
-        groups = self.model._get_groups()
+        groups = self._posterior.groups()
+        salt = self._posterior.salt()
         for i, (group, prior, pieces) in enumerate(zip(groups, self._priors, self._pieces)):
             shards = samples[i]
             if all(p.grad is v for p, v in zip(pieces, self._grad_views[i])):
@@ -404,7 +411,7 @@ class VariationalAdam(torch.optim.Optimizer):
                 views = ops.unflatten(grad_theta, group.means)
             average = None
             if _data_parallel():
-                if self.model.fold_rank:
+                if self._posterior.fold_rank:
                     average = _average  # of the gradients each rank forms with its own noise
                 elif len(shards) < len(pieces):
                     # One sample on every rank: the gradients are linear in grad_theta. Those
@@ -433,7 +440,7 @@ class VariationalAdam(torch.optim.Optimizer):
                 weight_decay=weight_decay,
                 kl_weight=kl_weight,
                 prior=prior,
-                salt=self.model._stream(),
+                salt=salt,
                 average=average,
             )
             # The next sample's shards, where FSDP's forward gathers them from.
@@ -503,7 +510,7 @@ class VariationalAdam(torch.optim.Optimizer):
         with torch.no_grad():
             # The loaded state holds new tensors: into the flat moments, then views again.
             for group, exp_avgs, exp_avg_sqs in zip(
-                self.model._get_groups(), self._exp_avgs, self._exp_avg_sqs
+                self._posterior.groups(), self._exp_avgs, self._exp_avg_sqs
             ):
                 tensors = [*group.means, *group.logvars]
                 torch.cat([self.state[p]["exp_avg"].reshape(-1) for p in tensors], out=exp_avgs)
