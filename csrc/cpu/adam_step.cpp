@@ -1,7 +1,8 @@
 // The fused variational Adam step on the CPU (fastbnf::adam_step_kernel; contract:
-// fastbnf/_schemas.py). One pass over the group per step, cut into the chunks of fused_ops.cpp
-// (chunked.h): per chunk, the current sample's normals (from rng_state) and the next sample's
-// (a new key) into two scratch buffers, then per tensor piece and block of kBlock elements:
+// fastbnf/_schemas.py). One pass over the group per step, cut into the chunks of
+// posterior_kernels.cpp (chunk_walk.h): per chunk, the current sample's normals (from rng_state)
+// and the next sample's (a new key) into two scratch buffers, then per tensor piece and block of
+// kBlock elements:
 //
 //   1. the gradients of the means and log-variances, as sample_backward_kernel computes them for
 //      one sample with grad_kl = kl_weight (posterior_math.h), rounded to the group's dtype as
@@ -16,8 +17,8 @@
 #include <memory>
 
 #include "../common/adam_math.h"
-#include "chunked.h"
-#include "fused_ops.h"
+#include "chunk_walk.h"
+#include "kernel_ops.h"
 
 namespace fastbnf {
 namespace cpu {

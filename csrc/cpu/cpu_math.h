@@ -34,7 +34,7 @@
 #define FASTBNF_INLINE inline
 #endif
 
-// Needs -fopenmp-simd or -fopenmp (see fused_ops.cpp for the build flags).
+// Needs -fopenmp-simd or -fopenmp (see posterior_kernels.cpp for the build flags).
 #define FASTBNF_SIMD _Pragma("omp simd")
 #define FASTBNF_SIMD_SUM(acc) _Pragma("omp simd reduction(+ : acc)")
 

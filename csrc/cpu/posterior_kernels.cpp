@@ -22,7 +22,7 @@
 // enough. -fno-math-errno lets sqrt vectorize. -ffp-contract=off keeps every operation of
 // posterior_math.h rounding once, like PyTorch's (softclip near its bound turns one ulp into 18
 // ulp of the variance); only the polynomials of cpu_math.h use FMA, explicitly, on the AVX2 path.
-#include "fused_ops.h"
+#include "kernel_ops.h"
 
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -31,10 +31,10 @@
 #include <vector>
 
 #include "buffer_pool.h"
-#include "chunked.h"
+#include "chunk_walk.h"
 
 #if defined(__FAST_MATH__)
-#warning "fastbnf: csrc/cpu is meant to be built without -ffast-math (see fused_ops.cpp)"
+#warning "fastbnf: csrc/cpu is meant to be built without -ffast-math (see posterior_kernels.cpp)"
 #endif
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "fastbnf: csrc/cpu built without -fopenmp: at::parallel_for will run on one thread"

@@ -1,7 +1,8 @@
-// The parts every fused CPU kernel is made of (fused_ops.cpp, adam_step.cpp): the chunks of the
-// flat index space and the group's tensor pieces in them, the storage types' conversions, the
-// policies of posterior_math.h, the dtype dispatch and the key of a new sample. Their design is
-// fused_ops.cpp's header comment.
+// The parts every fused CPU kernel is made of (posterior_kernels.cpp, adam_step.cpp): the chunks
+// of the flat index space and the group's tensor pieces in them, the storage types' conversions,
+// the policies of posterior_math.h, the dtype dispatch and the key of a new sample. Their design
+// is posterior_kernels.cpp's header comment. The CUDA kernels' counterpart is
+// cuda/tile_walk.cuh.
 #pragma once
 
 #include <ATen/CPUGeneratorImpl.h>
