@@ -179,14 +179,14 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             const at::Tensor& rng_state, int64_t step, double lr, double beta1,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
-                            std::optional<at::TensorList> prior_means, int64_t stream) {
+                            std::optional<at::TensorList> prior_means, int64_t salt) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
   const Group g = make_group(op, means, logvars, &prior);
   const at::Tensor grad =
       check_adam_step(op, g, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
   const at::Tensor state = check_rng_state(op, rng_state, g);
-  const uint64_t seed = draw_seed(stream);
+  const uint64_t seed = draw_seed(salt);
   at::Tensor next_state = make_rng_state(seed);
 
   StepArgs a{};

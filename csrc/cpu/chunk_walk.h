@@ -232,8 +232,8 @@ inline at::Tensor make_rng_state(uint64_t seed) {
   return state;
 }
 
-// The stream seed of a new sample: the default CPU generator's next 64 bits, the stream folded in.
-inline uint64_t draw_seed(int64_t stream) {
+// The salted seed of a new sample: the default CPU generator's next 64 bits, the salt folded in.
+inline uint64_t draw_seed(int64_t salt) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       std::nullopt, at::detail::getDefaultCPUGenerator());
   uint64_t seed;
@@ -242,7 +242,7 @@ inline uint64_t draw_seed(int64_t stream) {
     std::lock_guard<std::mutex> lock(gen->mutex_);
     seed = gen->random64();
   }
-  return fold_stream(seed, static_cast<uint64_t>(stream));
+  return fold_salt(seed, static_cast<uint64_t>(salt));
 }
 
 inline PhiloxKey read_rng_state(const at::Tensor& rng_state) {

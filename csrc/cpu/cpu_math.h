@@ -177,13 +177,13 @@ FASTBNF_INLINE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint3
   c2 = n2;
 }
 
-// The round keys and the offset half of the counter of one rng_state = (stream_seed, offset):
-// the key is philox.h's philox_key(stream_seed).
+// The round keys and the offset half of the counter of one rng_state = (salted_seed, offset):
+// the key is philox.h's philox_key(salted_seed).
 struct PhiloxKey {
   uint32_t k0[10], k1[10];
   uint32_t c2, c3;
-  PhiloxKey(uint64_t stream_seed, uint64_t offset) {
-    const uint64_t key = philox_key(stream_seed);
+  PhiloxKey(uint64_t salted_seed, uint64_t offset) {
+    const uint64_t key = philox_key(salted_seed);
     uint32_t a = static_cast<uint32_t>(key), b = static_cast<uint32_t>(key >> 32);
     for (int r = 0; r < 10; ++r) {
       k0[r] = a;

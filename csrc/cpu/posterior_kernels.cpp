@@ -421,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
     std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
     std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means,
-    int64_t stream) {
+    int64_t salt) {
   constexpr const char* op = "fastbnf::sample";
   const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
   const Group g = make_group(op, means, logvars, &prior);
@@ -429,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
   const at::ScalarType odt = check_out_dtype(op, out_dtype, g);
   const int64_t N = g.numel;
   at::Tensor theta = n ? empty_output({samples, N}, odt) : empty_output({N}, odt);
-  const uint64_t seed = draw_seed(stream);
+  const uint64_t seed = draw_seed(salt);
   at::Tensor rng_state = make_rng_state(seed);
 
   std::vector<double> partials(with_kl ? num_chunks(N) : 0);

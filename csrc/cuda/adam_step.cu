@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
   using M = DeviceMath;
   const Key next = unpack_key(p.rng);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    p.next_rng_state[0] = static_cast<int64_t>(next.stream_seed);
+    p.next_rng_state[0] = static_cast<int64_t>(next.salted_seed);
     p.next_rng_state[1] = static_cast<int64_t>(next.offset);
   }
   const uint64_t key = philox_key(static_cast<uint64_t>(p.rng_state[0]));

@@ -54,8 +54,8 @@ ForwardArgs forward_args(const Group& group, ForwardMode mode, cudaStream_t stre
 
 // The key of a new sample. It is taken under the generator's lock, as ATen's fused dropout
 // does; the kernel unpacks it (a captured graph then reads a fresh offset on each replay), folds
-// the stream into the seed and writes (stream seed, offset) to its rng_state for the backward.
-PhiloxArgs new_key(const Group& group, int64_t stream_id) {
+// the salt into the seed and writes (salted seed, offset) to its rng_state for the backward.
+PhiloxArgs new_key(const Group& group, int64_t salt) {
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(group.device.index()));
   at::PhiloxCudaState philox;
@@ -64,7 +64,7 @@ PhiloxArgs new_key(const Group& group, int64_t stream_id) {
     philox = gen->philox_cuda_state(4);
   }
   PhiloxArgs rng;
-  rng.stream = static_cast<uint64_t>(stream_id);
+  rng.salt = static_cast<uint64_t>(salt);
   rng.captured = philox.captured_;
   if (philox.captured_) {
     rng.seed_ptr = philox.seed_.ptr;
@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
     std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
     std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means,
-    int64_t stream_id) {
+    int64_t salt) {
   constexpr const char* op = "fastbnf::sample";
   const PriorArgs prior{prior_var, prior_vars, prior_means};
   const Group group = make_group(op, means, logvars, &prior);
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     args.workspace = workspace.data_ptr();
   }
 
-  args.rng = new_key(group, stream_id);
+  args.rng = new_key(group, salt);
 
   C10_CUDA_CHECK(launch_forward(args, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -201,9 +201,8 @@ at::Tensor kl_kernel(at::TensorList means, at::TensorList logvars, double prior_
   const auto options = at::TensorOptions().device(group.device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor result = at::empty({}, options.dtype(group.dtype));
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(forward_workspace_bytes(group.numel))},
-                options.dtype(at::kByte));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(forward_workspace_bytes(group.numel))},
+                                   options.dtype(at::kByte));
   ForwardArgs args = forward_args(group, ForwardMode::kKL, stream);
   args.with_kl = true;
   args.kl = result.data_ptr();
@@ -235,7 +234,7 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             const at::Tensor& rng_state, int64_t step, double lr, double beta1,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
-                            std::optional<at::TensorList> prior_means, int64_t stream_id) {
+                            std::optional<at::TensorList> prior_means, int64_t salt) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior{prior_var, prior_vars, prior_means};
   const Group group = make_group(op, means, logvars, &prior);
@@ -260,7 +259,7 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
   args.theta = theta.data_ptr();
   args.rng_state = state.data_ptr<int64_t>();
   args.next_rng_state = next_state.data_ptr<int64_t>();
-  args.rng = new_key(group, stream_id);
+  args.rng = new_key(group, salt);
   args.kl_weight = kl_weight;
   const adam::Hyper means_hyper{lr, beta1, beta2, eps, weight_decay, step};
   const adam::Hyper logvars_hyper{lr, beta1, beta2, eps, 0.0, step};

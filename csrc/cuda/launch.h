@@ -25,7 +25,7 @@ struct PhiloxArgs {
   const int64_t* offset_ptr = nullptr;
   uint64_t offset_intragraph = 0;
   bool captured = false;
-  uint64_t stream = 0;  // folded into the seed (fold_stream)
+  uint64_t salt = 0;  // folded into the seed (fold_salt)
 };
 
 enum class ForwardMode : int32_t { kSample = 0, kKL = 1, kVariance = 2 };
@@ -42,7 +42,7 @@ struct ForwardArgs {
   bool with_prior_means = false;
   void* out = nullptr;           // theta (samples, N) or the variance (N)
   void* kl = nullptr;            // 0-dim, dtype; written in kSample and kKL modes
-  int64_t* rng_state = nullptr;  // int64[2] (stream seed, offset), written in kSample mode
+  int64_t* rng_state = nullptr;  // int64[2] (salted seed, offset), written in kSample mode
   PhiloxArgs rng;
   void* workspace = nullptr;  // forward_workspace_bytes(numel) bytes of device memory
 };

@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
   __shared__ double slots[2][kWarps];
   const Key key = unpack_key(p.rng);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    p.rng_state[0] = static_cast<int64_t>(key.stream_seed);
+    p.rng_state[0] = static_cast<int64_t>(key.salted_seed);
     p.rng_state[1] = static_cast<int64_t>(key.offset);
   }
   const bool with_kl = p.with_kl != 0;

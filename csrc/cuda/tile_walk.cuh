@@ -307,9 +307,9 @@ __device__ __forceinline__ int walk_to(const DeviceTensor* __restrict__ tensors,
   return t;
 }
 
-// The key of a sample: the stream seed that rng_state records, its Philox key, the offset.
+// The key of a sample: the salted seed that rng_state records, its Philox key, the offset.
 struct Key {
-  uint64_t stream_seed, key, offset;
+  uint64_t salted_seed, key, offset;
 };
 
 __device__ __forceinline__ Key unpack_key(const PhiloxArgs& rng) {
@@ -320,8 +320,8 @@ __device__ __forceinline__ Key unpack_key(const PhiloxArgs& rng) {
     seed = static_cast<uint64_t>(*rng.seed_ptr);
     offset = static_cast<uint64_t>(*rng.offset_ptr) + rng.offset_intragraph;
   }
-  const uint64_t stream_seed = fold_stream(seed, rng.stream);
-  return Key{stream_seed, philox_key(stream_seed), offset};
+  const uint64_t salted_seed = fold_salt(seed, rng.salt);
+  return Key{salted_seed, philox_key(salted_seed), offset};
 }
 
 // ---------------------------------------------------------------------------------------------
