@@ -110,8 +110,8 @@ struct FloatMath {
   static FASTBNF_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 };
 
-// float64: the exps are taken over a block's array afterwards (cpu_math.h's exp_array, PyTorch's
-// own exp); in the vectorized loop this policy's exp hands out the argument.
+// float64: the exps are taken over a block's array afterwards (cpu_math.h's exp_array, the exp
+// that torch.exp calls); in the vectorized loop this policy's exp hands out the argument.
 struct DoubleArgs {
   static constexpr bool kFma = false;
   static FASTBNF_INLINE double exp(double x) { return x; }

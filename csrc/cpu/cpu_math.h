@@ -5,8 +5,8 @@
 // flush-to-zero for the whole process, and libmvec exists only on glibc/x86-64. log and exp are
 // Cephes' polynomials, sinpi/cospi a Taylor polynomial after an exact reduction (about 1 ulp on
 // the ranges used), so the normals agree with philox.h's libm-based `normal4` to a few ulp: the
-// same stream. The float64 exp is PyTorch's own (MKL's, exported by libtorch_cpu), so that the
-// float64 kernels round exactly like torch.exp.
+// same stream. The float64 exp is the one torch.exp calls (MKL's vmdExp, exported by
+// libtorch_cpu; see exp_array), so that the float64 kernels round exactly like torch.exp.
 #pragma once
 
 #include <cmath>
@@ -142,10 +142,10 @@ FASTBNF_INLINE float exp_poly(float x) {
 }
 
 // torch.exp of float64 on PyTorch's x86-64 builds is MKL's vmdExp in its high-accuracy mode
-// (aten/src/ATen/cpu/vml.h), which libtorch_cpu exports; measured bitwise equal to torch.exp on
-// tensors of any size and layout, where libm's exp differs in about 5% of the values and
-// SLEEF's 1-ulp exp in about 8%. Declared weak: a torch built without MKL leaves it null, and
-// libm's exp stands in (within 1 ulp).
+// (aten/src/ATen/cpu/vml.h), which libtorch_cpu exports, not SLEEF's exp nor libm's, which
+// round some values differently. Calling it keeps the float64 kernels bit for bit equal to
+// fastbnf/reference.py (tests/test_kernels.py, tolerance_ulp: 0 ulp). Declared weak: a torch
+// built without MKL leaves it null, and libm's exp stands in (within 1 ulp).
 extern "C" __attribute__((weak)) void vmdExp(int n, const double* a, double* r, long long mode);
 
 // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, PyTorch's mode.

@@ -5,8 +5,9 @@
 // out whole chunks. A chunk finds the tensors it overlaps in the group's table, draws its normals
 // into a thread-local scratch buffer (L1/L2 resident) and runs the vectorized epilogue per
 // tensor piece, in blocks of kBlock elements. The per-element maths is posterior_math.h's, with
-// the policy of this file (exp: cpu_math.h's polynomial in float32, PyTorch's SLEEF exp in
-// float64; rsqrt: 1 / sqrt, as PyTorch's CPU rsqrt). The KL terms of a block are added in float
+// the policy of this file (exp: cpu_math.h's polynomial in float32, and in float64 the exp that
+// torch.exp calls, MKL's vmdExp through cpu_math.h's exp_array; rsqrt: 1 / sqrt, as PyTorch's
+// CPU rsqrt). The KL terms of a block are added in float
 // lanes (8 lanes in a fixed order, whatever the vector width) and the lanes in double; a chunk's
 // partial is its blocks' sum in order and the partials are added in chunk order: the KL is the
 // same for any number of threads, and the same from sample_kernel as from kl_kernel.

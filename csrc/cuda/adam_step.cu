@@ -46,16 +46,16 @@ __device__ __forceinline__ S round_to(S x) {
 }
 
 // Resident blocks asked of the compiler for the step: it keeps more values live than the
-// sampling kernels (the gradients, the posterior and its moments, two keys): 64 registers spill,
-// and so do 80 on sm_90. Two blocks of 256 threads give it 128, and their loads (seven 16-byte
-// vectors per group of 4 elements) still keep tens of KB in flight per SM.
+// sampling kernels (the gradients, the posterior and its moments, two keys) and spills within
+// 64 registers, and within 80 on sm_90. Two blocks of 256 threads give it 128 registers and no
+// spills (.ci/check_kernel_resources.py, REGISTER_BUDGETS), with seven 16-byte loads per quad.
 constexpr int kAdamMinBlocks = 2;
 
 // One step of the fused variational Adam (fastbnf::adam_step; the CPU kernel's comment in
-// csrc/cpu/adam_step.cpp gives the order of the work): per group of 4 flat elements, the
+// csrc/cpu/adam_step.cpp gives the order of the work): per quad (4 flat elements), the
 // current and next samples' noise, the gradients as backward_kernel forms them (rounded to T as
 // its outputs are), AdamW on the means, log-variances and moments (adam_math.h), the next
-// theta. One group at a time per thread.
+// theta. One quad at a time per thread.
 template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(const AdamParams p) {
   using S = typename Traits<T>::S;
@@ -114,10 +114,10 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
     }
   };
 
-  // The group of flat elements i0 .. i0 + 3 of a vector-readable segment, in three phases that
+  // The quad of flat elements i0 .. i0 + 3 of a vector-readable segment, in three phases that
   // keep few values live: the gradients, Adam on the means then on the log-variances (each
   // with its moments), the next sample.
-  auto group = [&](const Seg<T>& s, int off, int64_t i0) {
+  auto quad = [&](const Seg<T>& s, int off, int64_t i0) {
     S mu[4], lv[4], g[4], d[4];
     load4<S, false>(s.mean + off, mu);
     load4<S, false>(s.logvar + off, lv);
@@ -170,11 +170,11 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
 #pragma unroll 1
     for (int u = 0; u < (has2 ? 2 : 1); ++u) {
       const int off = 4 * (g + u * kThreads);
-      group(s, off, ts + off);
+      quad(s, off, ts + off);
     }
   };
 
-  // Element by element, in two passes over the group (the update, then the next sample, which
+  // Element by element, in two passes over the quad (the update, then the next sample, which
   // reads the updated posterior back): one set of noise live at a time.
   auto slow = [&](int t, int64_t i0) {
     const int count = static_cast<int>(min(int64_t{4}, n - i0));

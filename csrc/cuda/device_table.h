@@ -21,7 +21,7 @@ namespace fastbnf {
 namespace cuda {
 
 // Elements of a tile: the unit of the tile map, of the grid-stride loop and of the KL's partial
-// sums (so the KL does not depend on the grid or the number of SMs). 256 threads x 2 groups of
+// sums (so the KL does not depend on the grid or the number of SMs). 256 threads x 2 quads of
 // 4 elements x 2 rounds.
 inline constexpr int64_t kTileElements = 4096;
 

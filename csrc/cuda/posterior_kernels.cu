@@ -94,7 +94,7 @@ __device__ __forceinline__ void finish_kl(const KLReduce& r, double* slots, void
 // ---------------------------------------------------------------------------------------------
 // Kernels
 
-// The means and log-variances of a thread's two groups of a segment (the second one when
+// The means and log-variances of a thread's two quads of a segment (the second one when
 // has2), every load issued before any is used.
 template <typename T, typename S>
 __device__ __forceinline__ void load_pair(const Seg<T>& s, const int off[2], bool has2, S mu[2][4],
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
   auto pair = [&](const Seg<T>& s, int g, bool has2, int64_t ts) {
     const int off[2] = {4 * g, 4 * (g + kThreads)};
     const bool prior = with_kl && s.prior_mean != nullptr;
-    // All the loads of both groups first, then each group's maths and noise.
+    // All the loads of both quads first, then each quad's maths and noise.
     S mu[2][4], l[2][4];
     load_pair(s, off, has2, mu, l);
 #pragma unroll
@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
     }
   };
 
-  // One group of a vector-readable tensor, any number of samples.
+  // One quad of a vector-readable tensor, any number of samples.
   auto one = [&](const Seg<T>& s, int off, int64_t ts) {
     const bool prior = with_kl && s.prior_mean != nullptr;
     S d[4] = {S(0), S(0), S(0), S(0)}, l[4];
@@ -454,8 +454,8 @@ __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
       return;
     }
     const bool prior = with_kl && s.prior_mean != nullptr;
-    // One sample at most: the log-variances and grad_theta of both groups first, then each
-    // group's means (with a KL), noise and gradients.
+    // One sample at most: the log-variances and grad_theta of both quads first, then each
+    // quad's means (with a KL), noise and gradients.
     S l[2][4], gs[2][4];
 #pragma unroll
     for (int u = 0; u < 2; ++u) {

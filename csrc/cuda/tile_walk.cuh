@@ -8,10 +8,10 @@
 //   once on store), double for float64 groups;
 // - a host-built tile map (device_table.h): a tile of kTileElements flat elements is walked
 //   tensor by tensor (its segments), so the tensor of an element is never searched for;
-// - each thread takes two groups of 4 elements at a time (groups g and g + 256 of the tile),
-//   issues all their loads, then draws their noise and does the maths: 16-byte loads and stores
-//   for 4-aligned tensors with aligned pointers, a scalar path for the others (a group that
-//   straddles tensors, a tensor that starts at an offset that is not a multiple of 4);
+// - each thread takes two quads (4 consecutive flat elements) at a time (quads g and g + 256 of
+//   the tile), issues all their loads, then draws their noise and does the maths: 16-byte loads
+//   and stores for 4-aligned tensors with aligned pointers, a scalar path for the others (a quad
+//   that straddles tensors, a tensor that starts at an offset that is not a multiple of 4);
 // - the RNG inlined, the grid sized from the SM count and the resident blocks (occupancy API,
 //   cached per device and kernel) and grid-striding over the tiles.
 #pragma once
@@ -36,8 +36,8 @@ namespace pm = ::fastbnf::posterior;
 
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
-static_assert(kTileElements == int64_t{kThreads} * 2 * 4 * 2, "a tile is 2 rounds of 2 groups");
-static_assert(kTileElements % 4 == 0, "tiles hold whole groups of 4");
+static_assert(kTileElements == int64_t{kThreads} * 2 * 4 * 2, "a tile is 2 rounds of 2 quads");
+static_assert(kTileElements % 4 == 0, "tiles hold whole quads");
 
 // ---------------------------------------------------------------------------------------------
 // Element types
@@ -237,7 +237,7 @@ __device__ __forceinline__ void eps4(uint64_t j, uint64_t key, uint64_t offset, 
 // Tiles and segments
 
 // A tensor as one segment of a tile reads it: its pointers rebased to the tile's first element
-// (so that a group's address is base + 4 * g, a 32-bit offset), its end in the tile.
+// (so that a quad's address is base + 4 * g, a 32-bit offset), its end in the tile.
 template <typename T>
 struct Seg {
   const T* mean;
@@ -257,11 +257,11 @@ __device__ __forceinline__ Seg<T> rebase(const DeviceTensor* d, int64_t ts) {
 }
 
 // Walks this block's tiles, tensor by tensor. In each segment (the part of a tensor inside the
-// tile) the thread takes the groups of 4 flat elements whose first element lies in it, two at a
+// tile) the thread takes the quads (4 flat elements) whose first element lies in it, two at a
 // time: g and g + 256 (g counted from the tile's first element), with g % 256 == threadIdx.x,
 // so that every thread has work whatever the sizes of the tensors. pair(seg, g, has2, ts) takes
-// the two groups when they lie whole in a vector-readable tensor; slow(t, i0) takes the group
-// of flat elements i0 .. i0 + 3 element by element (it may straddle tensors, or end the group);
+// the two quads when they lie whole in a vector-readable tensor; slow(t, i0) takes the quad of
+// flat elements i0 .. i0 + 3 element by element (it may straddle tensors, or end the group);
 // tile_end(tile) follows each tile.
 template <typename T, class Pair, class Slow, class TileEnd>
 __device__ __forceinline__ void for_each_tile(const DeviceTensor* __restrict__ tensors,
