@@ -14,7 +14,7 @@ SOURCES = setup.py pyproject.toml fastbnf/_build.py fastbnf/_build_cuda.py $(she
 
 # Pinned: another version of a formatter formats differently.
 LINTERS = ruff==0.17.6 clang-format==23.1.5
-CSRC_FILES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 2>/dev/null)
+CSRC_FILES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null)
 
 .PHONY: setup demo test bench lint clean
 

@@ -167,8 +167,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def short_name(demangled: str) -> str:
-    """fastbnf::cuda::(anonymous namespace)::forward_kernel<float, __half, 1>(...) ->
-    forward_kernel<float, __half, 1>."""
+    """fastbnf::cuda::(anonymous namespace)::sample_forward_kernel<float, __half>(...) ->
+    sample_forward_kernel<float, __half>."""
 
     head = demangled.replace("(anonymous namespace)::", "")
     head = head.split("(", 1)[0] if "(" in head else head

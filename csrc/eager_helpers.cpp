@@ -4,10 +4,12 @@
 // fastbnf::views_like: the per-tensor pieces of a flat buffer, shaped like a list of tensors.
 // The eager ops hand out one piece per parameter tensor three times a step (the samples, the
 // gradients of the means and of the log-variances). ATen's unflatten_dense_tensors makes each
-// one with a narrow and a view, two dispatched ops and two tensors: about 1.6 µs a piece, a
-// millisecond per call for 500 tensors. Here each piece is one TensorImpl over the same storage,
-// made without the dispatcher. The pieces are plain tensors, not autograd views of the buffer:
-// the ops call this without gradients, on buffers nobody else sees, whose pieces do not overlap.
+// one with a narrow and a view, two dispatched ops and two tensors, host work that grows with
+// the number of tensors (benchmarks/bench_step.py, its tensors-N cases). Here each piece is one
+// TensorImpl over the same storage, made without the dispatcher
+// (tests/test_cpu_kernel.py::test_views_like_matches_unflatten). The pieces are plain tensors, not
+// autograd views of the buffer: the ops call this without gradients, on buffers nobody else sees,
+// whose pieces do not overlap.
 //
 // fastbnf::adjacent_flat: one flat tensor over tensors that lie back to back in one storage, in
 // order (the gradients that the backward of a torch.cat over the samples hands back), or None.

@@ -61,7 +61,7 @@ OptTensors means_of(const Prior& prior) {
 // The calls below skip the autograd keys: the kernel ops have no autograd of their own.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<at::ScalarType> out_dtype,
-    bool with_kl, const Prior& prior, int64_t stream) {
+    bool with_kl, const Prior& prior, int64_t salt) {
   static const auto op =
       kernel("fastbnf::sample_kernel")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
               std::optional<at::ScalarType>, bool, double, OptVars, OptTensors, int64_t)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(means, logvars, std::nullopt, out_dtype, with_kl, prior.var, vars_of(prior),
-                 means_of(prior), stream);
+                 means_of(prior), salt);
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_backward_kernel(
@@ -274,11 +274,10 @@ std::vector<at::Tensor> kl(const std::vector<at::Tensor>& means,
 std::vector<at::Tensor> sample(const std::vector<at::Tensor>& means,
                                const std::vector<at::Tensor>& logvars,
                                std::optional<at::ScalarType> out_dtype, bool with_kl, Prior prior,
-                               int64_t stream, bool split,
-                               const std::optional<at::Tensor>& token) {
+                               int64_t salt, bool split, const std::optional<at::Tensor>& token) {
   RECORD_FUNCTION("fastbnf::sample", std::vector<c10::IValue>());
   auto [theta, divergence, rng_state] =
-      sample_kernel(means, logvars, out_dtype, with_kl, prior, stream);
+      sample_kernel(means, logvars, out_dtype, with_kl, prior, salt);
   std::vector<at::Tensor> out = split ? views_like(theta, means) : std::vector<at::Tensor>{theta};
 
   const bool requires_grad = token ? at::GradMode::is_enabled() && token->requires_grad()

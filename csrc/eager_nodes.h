@@ -33,7 +33,7 @@ std::vector<at::Tensor> kl(const std::vector<at::Tensor>& means,
 std::vector<at::Tensor> sample(const std::vector<at::Tensor>& means,
                                const std::vector<at::Tensor>& logvars,
                                std::optional<at::ScalarType> out_dtype, bool with_kl, Prior prior,
-                               int64_t stream, bool split, const std::optional<at::Tensor>& token);
+                               int64_t salt, bool split, const std::optional<at::Tensor>& token);
 
 }  // namespace eager
 }  // namespace fastbnf

@@ -83,7 +83,4 @@ at::Tensor check_adam_step(const char* op, const Group& group, at::TensorList me
                            const at::Tensor& exp_avgs, const at::Tensor& exp_avg_sqs,
                            const at::Tensor& theta, int64_t step);
 
-// The arithmetic's dtype of a group: float32, or float64 for float64 groups.
-inline bool computes_in_double(const Group& group) { return group.dtype == at::kDouble; }
-
 }  // namespace fastbnf

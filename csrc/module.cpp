@@ -42,12 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& logvars,
          const py::object& out_dtype, bool with_kl, double prior_var,
          std::optional<std::vector<double>> prior_vars,
-         std::optional<std::vector<at::Tensor>> prior_means, int64_t stream, bool split,
+         std::optional<std::vector<at::Tensor>> prior_means, int64_t salt, bool split,
          std::optional<at::Tensor> token) {
         const auto dtype = dtype_of(out_dtype);
         Prior prior = prior_of(prior_var, std::move(prior_vars), std::move(prior_means));
         py::gil_scoped_release no_gil;
-        return fastbnf::eager::sample(means, logvars, dtype, with_kl, std::move(prior), stream,
+        return fastbnf::eager::sample(means, logvars, dtype, with_kl, std::move(prior), salt,
                                       split, token);
       },
       "One sample of a group: [theta, kl, rng_state] or, split, [pieces..., kl, rng_state].");

@@ -17,7 +17,6 @@ __all__ = [
     "cuda_arch_list",
     "cuda_toolkit_root",
     "cuda_build_available",
-    "cuda_define_macros",
     "cuda_include_dirs",
     "cuda_library_dirs",
     "cuda_sources",
@@ -100,21 +99,12 @@ def cuda_build_available() -> bool:
     return bool(getattr(torch.version, "cuda", None)) and _nvcc() is not None
 
 
-def cuda_sources(root: str | os.PathLike | None = None) -> list[str]:
-    r"""The CUDA sources: ``csrc/cuda/*.cu`` and their torch-side launchers ``csrc/cuda/*.cpp``.
+def cuda_sources() -> list[str]:
+    r"""Returns the CUDA sources, as absolute paths: the torch-free kernels ``csrc/cuda/*.cu``,
+    then the torch side ``csrc/cuda/*.cpp`` (launchers, table cache, registration)."""
 
-    Arguments:
-        root: The repository root (default: the one this file lives in). Paths are returned
-            relative to it when it is given, absolute otherwise.
-    """
-
-    base = Path(root) if root is not None else ROOT
-    files = sorted((base / "csrc" / "cuda").glob("*.cu")) + sorted(
-        (base / "csrc" / "cuda").glob("*.cpp")
-    )
-    if root is not None:
-        return [str(f.relative_to(base)) for f in files]
-    return [str(f) for f in files]
+    cuda = CSRC / "cuda"
+    return [str(f) for f in sorted(cuda.glob("*.cu")) + sorted(cuda.glob("*.cpp"))]
 
 
 def _pip_cuda_roots() -> list[Path]:
@@ -150,12 +140,6 @@ def cuda_library_dirs() -> list[str]:
 
     dirs = _toolkit_dirs("lib64", "libcudart.so")
     return dirs + [str(r / "lib") for r in _pip_cuda_roots() if (r / "lib").is_dir()]
-
-
-def cuda_define_macros() -> list[tuple[str, str | None]]:
-    r"""Macros for every source of an extension built with the CUDA kernels."""
-
-    return [("FASTBNF_WITH_CUDA", None)]
 
 
 def cuda_arch_list() -> list[str]:

@@ -2,8 +2,8 @@
 // Torch-free, for host and device code: the CPU and CUDA kernels include it, so that for the same
 // rng_state they draw the same epsilon (up to a few ulp of each platform's transcendentals).
 //
-// Key: rng_state holds (stream_seed, offset). stream_seed is the generator's seed with the
-// data-parallel stream folded in (fold_stream); the Philox key is philox_key(stream_seed), the
+// Key: rng_state holds (salted_seed, offset). salted_seed is the generator's seed with the salt
+// (the data-parallel rank) folded in (fold_salt); the Philox key is philox_key(salted_seed), the
 // seed mixed with a fastbnf constant. PyTorch's own Philox streams (curand_init(seed, thread,
 // offset) in torch.randn, dropout, ...) are keyed by the generator's seed itself, so fastbnf's
 // counters cannot coincide with theirs: the keys differ.
@@ -14,8 +14,8 @@
 // and j uses output lane j % 4. Distinct offsets give disjoint streams whatever N.
 //
 // Normal transform: Box-Muller on the lane pairs (0, 1) and (2, 3), in float32:
-//   u1 = ((x0 >> 8) + 0.5) * 2^-24,  x = 2 * ((x1 >> 8) + 0.5) * 2^-24   (u1 in (0, 1], x in (0,
-//   2)) r = sqrt(-2 log u1),  lane 0 -> r cos(pi x),  lane 1 -> r sin(pi x)
+//   u1 = ((x0 >> 8) + 0.5) * 2^-24 in (0, 1],  x = 2 * ((x1 >> 8) + 0.5) * 2^-24 in (0, 2),
+//   r = sqrt(-2 log u1),  lane 0 -> r cos(pi x),  lane 1 -> r sin(pi x)
 // and likewise lanes 2, 3 from x2, x3. The angle is taken in half-turns (sinpi, cospi): x is
 // exact, its reduction is exact, and CUDA's sincospif has no slow path. |epsilon| <= 5.8.
 #pragma once
@@ -38,19 +38,17 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// Folded into a seed once per data-parallel stream (rank): seed ^ (stream * kStreamMix).
+// Folded into a seed once per salt (the data-parallel rank): seed ^ (salt * kStreamMix).
 constexpr uint64_t kStreamMix = 0x9E3779B97F4A7C15ull;
 // Mixed into every key ("fastbnf!" in ASCII): separates fastbnf's streams from the generator's.
 constexpr uint64_t kKeyDomain = 0x66617374626E6621ull;
 
-// Folds a stream number (the data-parallel rank) into a seed; 0 leaves the seed unchanged.
-FASTBNF_HD uint64_t fold_stream(uint64_t seed, uint64_t stream) {
-  return seed ^ (stream * kStreamMix);
-}
+// Folds a salt (the data-parallel rank) into a seed; 0 leaves the seed unchanged.
+FASTBNF_HD uint64_t fold_salt(uint64_t seed, uint64_t salt) { return seed ^ (salt * kStreamMix); }
 
-// The Philox key of a stream seed: splitmix64's finalizer of seed ^ kKeyDomain, a bijection.
-FASTBNF_HD uint64_t philox_key(uint64_t stream_seed) {
-  uint64_t z = stream_seed ^ kKeyDomain;
+// The Philox key of a salted seed: splitmix64's finalizer of seed ^ kKeyDomain, a bijection.
+FASTBNF_HD uint64_t philox_key(uint64_t salted_seed) {
+  uint64_t z = salted_seed ^ kKeyDomain;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
@@ -86,7 +84,7 @@ FASTBNF_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The Philox block of flat index j / 4 under (key, offset); key is philox_key(stream_seed).
+// The Philox block of flat index j / 4 under (key, offset); key is philox_key(salted_seed).
 FASTBNF_HD Philox4 philox_block(uint64_t block, uint64_t key, uint64_t offset) {
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                        static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),

@@ -1,7 +1,8 @@
 // The fused variational Adam step on the CPU (fastbnf::adam_step_kernel; contract:
-// fastbnf/_schemas.py). One pass over the group per step, cut into the chunks of fused_ops.cpp
-// (chunked.h): per chunk, the current sample's normals (from rng_state) and the next sample's
-// (a new key) into two scratch buffers, then per tensor piece and block of kBlock elements:
+// fastbnf/_schemas.py). One pass over the group per step, cut into the chunks of
+// posterior_kernels.cpp (chunk_walk.h): per chunk, the current sample's normals (from rng_state)
+// and the next sample's (a new key) into two scratch buffers, then per tensor piece and block of
+// kBlock elements:
 //
 //   1. the gradients of the means and log-variances, as sample_backward_kernel computes them for
 //      one sample with grad_kl = kl_weight (posterior_math.h), rounded to the group's dtype as
@@ -16,8 +17,8 @@
 #include <memory>
 
 #include "../common/adam_math.h"
-#include "chunked.h"
-#include "fused_ops.h"
+#include "chunk_walk.h"
+#include "kernel_ops.h"
 
 namespace fastbnf {
 namespace cpu {
@@ -178,14 +179,14 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             const at::Tensor& rng_state, int64_t step, double lr, double beta1,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
-                            std::optional<at::TensorList> prior_means, int64_t stream) {
+                            std::optional<at::TensorList> prior_means, int64_t salt) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
   const Group g = make_group(op, means, logvars, &prior);
   const at::Tensor grad =
       check_adam_step(op, g, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
   const at::Tensor state = check_rng_state(op, rng_state, g);
-  const uint64_t seed = draw_seed(stream);
+  const uint64_t seed = draw_seed(salt);
   at::Tensor next_state = make_rng_state(seed);
 
   StepArgs a{};

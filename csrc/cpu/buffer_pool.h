@@ -1,12 +1,12 @@
 // Outputs of the CPU kernels, and the pool that recycles the large ones.
 //
 // A training step allocates the same large outputs every time (samples, gradients). Fresh ones
-// are new mappings whose first touch costs a page fault per page and the kernel's zeroing:
-// about a third of a millisecond per MB here, as much as the kernels' own work. Buffers of
+// are new mappings whose first touch costs a page fault and the OS's zeroing per page, work of
+// the order of the kernels' own on the same bytes (benchmarks/bench_step.py). Buffers of
 // 128 KiB or more (glibc's mmap threshold) therefore go back to a pool when their tensor dies
-// and serve the next request of the same size. The pool keeps at most four times the largest
-// buffer asked for (the oldest go first), FASTBNF_CPU_CACHE=0 turns the keeping off, and
-// fastbnf.empty_cache() frees it.
+// and serve the next request of the same size (tests/test_cpu_kernel.py holds the pool's rules).
+// The pool keeps at most four times the largest buffer asked for (the oldest go first),
+// FASTBNF_CPU_CACHE=0 turns the keeping off, and fastbnf.empty_cache() frees it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

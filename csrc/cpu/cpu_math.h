@@ -5,8 +5,8 @@
 // flush-to-zero for the whole process, and libmvec exists only on glibc/x86-64. log and exp are
 // Cephes' polynomials, sinpi/cospi a Taylor polynomial after an exact reduction (about 1 ulp on
 // the ranges used), so the normals agree with philox.h's libm-based `normal4` to a few ulp: the
-// same stream. The float64 exp is PyTorch's own (MKL's, exported by libtorch_cpu), so that the
-// float64 kernels round exactly like torch.exp.
+// same stream. The float64 exp is the one torch.exp calls (MKL's vmdExp, exported by
+// libtorch_cpu; see exp_array), so that the float64 kernels round exactly like torch.exp.
 #pragma once
 
 #include <cmath>
@@ -34,7 +34,7 @@
 #define FASTBNF_INLINE inline
 #endif
 
-// Needs -fopenmp-simd or -fopenmp (see fused_ops.cpp for the build flags).
+// Needs -fopenmp-simd or -fopenmp (see posterior_kernels.cpp for the build flags).
 #define FASTBNF_SIMD _Pragma("omp simd")
 #define FASTBNF_SIMD_SUM(acc) _Pragma("omp simd reduction(+ : acc)")
 
@@ -142,10 +142,10 @@ FASTBNF_INLINE float exp_poly(float x) {
 }
 
 // torch.exp of float64 on PyTorch's x86-64 builds is MKL's vmdExp in its high-accuracy mode
-// (aten/src/ATen/cpu/vml.h), which libtorch_cpu exports; measured bitwise equal to torch.exp on
-// tensors of any size and layout, where libm's exp differs in about 5% of the values and
-// SLEEF's 1-ulp exp in about 8%. Declared weak: a torch built without MKL leaves it null, and
-// libm's exp stands in (within 1 ulp).
+// (aten/src/ATen/cpu/vml.h), which libtorch_cpu exports, not SLEEF's exp nor libm's, which
+// round some values differently. Calling it keeps the float64 kernels bit for bit equal to
+// fastbnf/reference.py (tests/test_kernels.py, tolerance_ulp: 0 ulp). Declared weak: a torch
+// built without MKL leaves it null, and libm's exp stands in (within 1 ulp).
 extern "C" __attribute__((weak)) void vmdExp(int n, const double* a, double* r, long long mode);
 
 // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, PyTorch's mode.
@@ -177,13 +177,13 @@ FASTBNF_INLINE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint3
   c2 = n2;
 }
 
-// The round keys and the offset half of the counter of one rng_state = (stream_seed, offset):
-// the key is philox.h's philox_key(stream_seed).
+// The round keys and the offset half of the counter of one rng_state = (salted_seed, offset):
+// the key is philox.h's philox_key(salted_seed).
 struct PhiloxKey {
   uint32_t k0[10], k1[10];
   uint32_t c2, c3;
-  PhiloxKey(uint64_t stream_seed, uint64_t offset) {
-    const uint64_t key = philox_key(stream_seed);
+  PhiloxKey(uint64_t salted_seed, uint64_t offset) {
+    const uint64_t key = philox_key(salted_seed);
     uint32_t a = static_cast<uint32_t>(key), b = static_cast<uint32_t>(key >> 32);
     for (int r = 0; r < 10; ++r) {
       k0[r] = a;

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "buffer_pool.h"
-#include "fused_ops.h"
+#include "kernel_ops.h"
 
 TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
   m.impl("sample_kernel", &fastbnf::cpu::sample_kernel);
@@ -16,8 +16,8 @@ TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
 }
 
 // The pool of large CPU outputs (buffer_pool.h), for fastbnf.empty_cache(), and the number of
-// threads that ran the last parallel kernel call (fused_ops.h, for the tests). Declared here, not
-// in _schemas.py: these are controls of the extension, with no Python twin.
+// threads that ran the last parallel kernel call (kernel_ops.h, for the tests). Declared here,
+// not in _schemas.py: these are controls of the extension, with no Python twin.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("cpu_cache_release() -> int", &fastbnf::cpu::release_idle_buffers);
   m.def("cpu_cache_bytes() -> int", &fastbnf::cpu::idle_buffer_bytes);

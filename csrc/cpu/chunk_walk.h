@@ -1,7 +1,8 @@
-// The parts every fused CPU kernel is made of (fused_ops.cpp, adam_step.cpp): the chunks of the
-// flat index space and the group's tensor pieces in them, the storage types' conversions, the
-// policies of posterior_math.h, the dtype dispatch and the key of a new sample. Their design is
-// fused_ops.cpp's header comment.
+// The parts every fused CPU kernel is made of (posterior_kernels.cpp, adam_step.cpp): the chunks
+// of the flat index space and the group's tensor pieces in them, the storage types' conversions,
+// the policies of posterior_math.h, the dtype dispatch and the key of a new sample. Their design
+// is posterior_kernels.cpp's header comment. The CUDA kernels' counterpart is
+// cuda/tile_walk.cuh.
 #pragma once
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -109,8 +110,8 @@ struct FloatMath {
   static FASTBNF_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 };
 
-// float64: the exps are taken over a block's array afterwards (cpu_math.h's exp_array, PyTorch's
-// own exp); in the vectorized loop this policy's exp hands out the argument.
+// float64: the exps are taken over a block's array afterwards (cpu_math.h's exp_array, the exp
+// that torch.exp calls); in the vectorized loop this policy's exp hands out the argument.
 struct DoubleArgs {
   static constexpr bool kFma = false;
   static FASTBNF_INLINE double exp(double x) { return x; }
@@ -231,8 +232,8 @@ inline at::Tensor make_rng_state(uint64_t seed) {
   return state;
 }
 
-// The stream seed of a new sample: the default CPU generator's next 64 bits, the stream folded in.
-inline uint64_t draw_seed(int64_t stream) {
+// The salted seed of a new sample: the default CPU generator's next 64 bits, the salt folded in.
+inline uint64_t draw_seed(int64_t salt) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       std::nullopt, at::detail::getDefaultCPUGenerator());
   uint64_t seed;
@@ -241,7 +242,7 @@ inline uint64_t draw_seed(int64_t stream) {
     std::lock_guard<std::mutex> lock(gen->mutex_);
     seed = gen->random64();
   }
-  return fold_stream(seed, static_cast<uint64_t>(stream));
+  return fold_salt(seed, static_cast<uint64_t>(salt));
 }
 
 inline PhiloxKey read_rng_state(const at::Tensor& rng_state) {

@@ -1,12 +1,6 @@
-// Torch-free interface of the fused CUDA kernels (fused_ops.cu).
-//
-// A group is described by a table in device memory, built on the host once per group (the
-// launcher caches it while the data pointers are unchanged):
-//   DeviceTensor tensors[T]   one per non-empty tensor (group_table.h's TensorEntry, plus the
-//                             end of its flat range and whether it can be read 4 at a time)
-//   int32_t tile_first[tiles] the first tensor of each tile of kTileElements flat elements
-// so that a kernel resolves the tensor of a tile once (ATen's multi_tensor_apply and apex build
-// the same kind of map), and one launch covers any number of tensors.
+// Torch-free interface of the fused CUDA kernels (posterior_kernels.cu, adam_step.cu): what a
+// launcher (kernel_ops.cpp) hands them. Each launch_* enqueues its kernel on a stream and reads
+// the group through its device table (device_table.h).
 #pragma once
 
 #include <cstddef>
@@ -15,40 +9,12 @@
 #include <cuda_runtime_api.h>
 
 #include "../common/adam_math.h"
-#include "../common/group_table.h"
+#include "device_table.h"
 
 namespace fastbnf {
 namespace cuda {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-
-// Elements of a tile: the unit of the tile map, of the grid-stride loop and of the KL's partial
-// sums (so the KL does not depend on the grid or the number of SMs). 256 threads x 2 groups of
-// 4 elements x 2 rounds.
-constexpr int64_t kTileElements = 4096;
-
-struct DeviceTensor {
-  const void* mean;
-  const void* logvar;
-  const void* prior_mean;  // null: the prior mean is 0
-  int64_t begin;           // flat range [begin, end) of the tensor in the group
-  int64_t end;
-  double inv_prior_var;
-  double log_prior_var_m1;
-  int32_t vec;  // begin % 4 == 0 and every pointer aligned for 4-element vector loads
-  int32_t pad;
-};
-static_assert(sizeof(DeviceTensor) == 64, "DeviceTensor is 64 bytes");
-
-int64_t num_tiles(int64_t numel);
-// Bytes of the device table of a group (tensors, then the tile map).
-size_t table_bytes(int64_t num_tensors, int64_t numel);
-// Bytes of the tensors part alone (what identifies a table: the tile map follows from it).
-size_t tensors_bytes(int64_t num_tensors);
-// Writes the tensors part (elem_size: bytes of one element of the group's dtype).
-void fill_tensors(void* host, const TensorEntry* entries, int64_t num_tensors, size_t elem_size);
-// Writes the tile map after the tensors part (host holds table_bytes(num_tensors, numel)).
-void fill_tile_map(void* host, const TensorEntry* entries, int64_t num_tensors, int64_t numel);
 
 // The Philox key of a forward call, the pieces of at::PhiloxCudaState (unpacked in the kernel
 // as at::cuda::philox::unpack does, so that a captured CUDA graph reads fresh values per replay).
@@ -59,7 +25,7 @@ struct PhiloxArgs {
   const int64_t* offset_ptr = nullptr;
   uint64_t offset_intragraph = 0;
   bool captured = false;
-  uint64_t stream = 0;  // folded into the seed (fold_stream)
+  uint64_t salt = 0;  // folded into the seed (fold_salt)
 };
 
 enum class ForwardMode : int32_t { kSample = 0, kKL = 1, kVariance = 2 };
@@ -76,7 +42,7 @@ struct ForwardArgs {
   bool with_prior_means = false;
   void* out = nullptr;           // theta (samples, N) or the variance (N)
   void* kl = nullptr;            // 0-dim, dtype; written in kSample and kKL modes
-  int64_t* rng_state = nullptr;  // int64[2] (stream seed, offset), written in kSample mode
+  int64_t* rng_state = nullptr;  // int64[2] (salted seed, offset), written in kSample mode
   PhiloxArgs rng;
   void* workspace = nullptr;  // forward_workspace_bytes(numel) bytes of device memory
 };
@@ -125,7 +91,8 @@ size_t forward_workspace_bytes(int64_t numel);
 size_t forward_workspace_zero_bytes();
 
 // Enqueue on stream (one kernel; the forward with a KL also a memset of the counter); return the
-// error of the non-kernel calls (the caller checks the launch).
+// error of the non-kernel calls (the caller checks the launch). launch_forward and
+// launch_backward are posterior_kernels.cu's, launch_adam_step is adam_step.cu's.
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream);
 cudaError_t launch_adam_step(const AdamArgs& args, cudaStream_t stream);

@@ -5,8 +5,9 @@
 // out whole chunks. A chunk finds the tensors it overlaps in the group's table, draws its normals
 // into a thread-local scratch buffer (L1/L2 resident) and runs the vectorized epilogue per
 // tensor piece, in blocks of kBlock elements. The per-element maths is posterior_math.h's, with
-// the policy of this file (exp: cpu_math.h's polynomial in float32, PyTorch's SLEEF exp in
-// float64; rsqrt: 1 / sqrt, as PyTorch's CPU rsqrt). The KL terms of a block are added in float
+// the policy of this file (exp: cpu_math.h's polynomial in float32, and in float64 the exp that
+// torch.exp calls, MKL's vmdExp through cpu_math.h's exp_array; rsqrt: 1 / sqrt, as PyTorch's
+// CPU rsqrt). The KL terms of a block are added in float
 // lanes (8 lanes in a fixed order, whatever the vector width) and the lanes in double; a chunk's
 // partial is its blocks' sum in order and the partials are added in chunk order: the KL is the
 // same for any number of threads, and the same from sample_kernel as from kl_kernel.
@@ -22,7 +23,7 @@
 // enough. -fno-math-errno lets sqrt vectorize. -ffp-contract=off keeps every operation of
 // posterior_math.h rounding once, like PyTorch's (softclip near its bound turns one ulp into 18
 // ulp of the variance); only the polynomials of cpu_math.h use FMA, explicitly, on the AVX2 path.
-#include "fused_ops.h"
+#include "kernel_ops.h"
 
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -31,10 +32,10 @@
 #include <vector>
 
 #include "buffer_pool.h"
-#include "chunked.h"
+#include "chunk_walk.h"
 
 #if defined(__FAST_MATH__)
-#warning "fastbnf: csrc/cpu is meant to be built without -ffast-math (see fused_ops.cpp)"
+#warning "fastbnf: csrc/cpu is meant to be built without -ffast-math (see posterior_kernels.cpp)"
 #endif
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "fastbnf: csrc/cpu built without -fopenmp: at::parallel_for will run on one thread"
@@ -421,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
     at::TensorList means, at::TensorList logvars, std::optional<int64_t> n,
     std::optional<at::ScalarType> out_dtype, bool with_kl, double prior_var,
     std::optional<at::ArrayRef<double>> prior_vars, std::optional<at::TensorList> prior_means,
-    int64_t stream) {
+    int64_t salt) {
   constexpr const char* op = "fastbnf::sample";
   const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
   const Group g = make_group(op, means, logvars, &prior);
@@ -429,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_kernel(
   const at::ScalarType odt = check_out_dtype(op, out_dtype, g);
   const int64_t N = g.numel;
   at::Tensor theta = n ? empty_output({samples, N}, odt) : empty_output({N}, odt);
-  const uint64_t seed = draw_seed(stream);
+  const uint64_t seed = draw_seed(salt);
   at::Tensor rng_state = make_rng_state(seed);
 
   std::vector<double> partials(with_kl ? num_chunks(N) : 0);
