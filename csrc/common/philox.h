@@ -38,13 +38,13 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// Folded into a seed once per salt (the data-parallel rank): seed ^ (salt * kStreamMix).
-constexpr uint64_t kStreamMix = 0x9E3779B97F4A7C15ull;
+// Folded into a seed once per salt (the data-parallel rank): seed ^ (salt * kSaltMix).
+constexpr uint64_t kSaltMix = 0x9E3779B97F4A7C15ull;
 // Mixed into every key ("fastbnf!" in ASCII): separates fastbnf's streams from the generator's.
 constexpr uint64_t kKeyDomain = 0x66617374626E6621ull;
 
 // Folds a salt (the data-parallel rank) into a seed; 0 leaves the seed unchanged.
-FASTBNF_HD uint64_t fold_salt(uint64_t seed, uint64_t salt) { return seed ^ (salt * kStreamMix); }
+FASTBNF_HD uint64_t fold_salt(uint64_t seed, uint64_t salt) { return seed ^ (salt * kSaltMix); }
 
 // The Philox key of a salted seed: splitmix64's finalizer of seed ^ kKeyDomain, a bijection.
 FASTBNF_HD uint64_t philox_key(uint64_t salted_seed) {
