@@ -1,6 +1,6 @@
 # make demo   trains the two-moons Bayesian flow, prints the zuko-vs-fastbnf step time, writes plots
 # make test   runs the whole test suite (the benchmarks too, as plain tests)
-# make bench  runs the benchmarks and writes benchmarks/results/<machine>.md and plots
+# make bench  runs the benchmarks and writes benchmarks/results/<machine>-<date>.md and plots
 # make lint   ruff check, ruff format --check and clang-format --dry-run -Werror (as CI does)
 #
 # Each target sets up what it needs in the current Python: an importable torch is kept (a CUDA

@@ -6,8 +6,8 @@ repository on PYTHONPATH (the package is not installed):
     python .ci/check_cuda_ext.py BUILD_DIR
 
 Builds with fastbnf._build.extension_kwargs(cuda=True), the flags setup.py uses, loads the
-library, and asserts that every kernel op of fastbnf._schemas has a CUDA kernel (and a CPU kernel
-when CPU sources exist).
+library, and asserts that every kernel op of fastbnf.ops.library has a CUDA kernel (and a CPU
+kernel when CPU sources exist).
 """
 
 import os
@@ -24,17 +24,10 @@ def main(build_dir: str) -> int:
     assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"
 
     start = time.perf_counter()
-    import fastbnf  # noqa: F401  (the package imports from the tree, without the extension)
+    # The package imports from the tree, without the extension; its op library declares the
+    # kernel ops the extension registers kernels to.
     from fastbnf import _build
-    from fastbnf._schemas import KERNEL_SUFFIX, SCHEMAS
-
-    # Declare the kernel ops unless importing the package already did.
-    library = torch.library.Library("fastbnf", "FRAGMENT")
-    for name, schema in SCHEMAS.items():
-        try:
-            getattr(torch.ops.fastbnf, name + KERNEL_SUFFIX)
-        except (AttributeError, RuntimeError):
-            library.define(f"{name}{KERNEL_SUFFIX}{schema}")
+    from fastbnf.ops.library import KERNEL_SUFFIX, SCHEMAS
     print(f"import fastbnf from the tree: {time.perf_counter() - start:.1f} s", flush=True)
 
     kwargs = _build.extension_kwargs(cuda=True)

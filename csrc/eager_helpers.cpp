@@ -1,4 +1,4 @@
-// Helpers of the eager path (fastbnf/ops/eager.py) for groups of hundreds of tensors, where a
+// Helpers of the eager path (fastbnf/ops/functions.py) for groups of hundreds of tensors, where a
 // Python loop over the tensors costs more than the kernels.
 //
 // fastbnf::views_like: the per-tensor pieces of a flat buffer, shaped like a list of tensors.
@@ -72,8 +72,8 @@ std::optional<at::Tensor> adjacent_flat(at::TensorList tensors) {
 
 }  // namespace fastbnf
 
-// Declared here, not in _schemas.py: helpers of the eager path, whose pure-PyTorch twins are
-// ATen's unflatten_dense_tensors and Python loops in fastbnf/ops/eager.py.
+// Declared here, not in ops/library.py: helpers of the eager path, whose pure-PyTorch twins are
+// ATen's unflatten_dense_tensors and Python loops in fastbnf/ops/functions.py.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("views_like(Tensor flat, Tensor[] like) -> Tensor[]", &fastbnf::views_like);
   m.def("adjacent_flat(Tensor[] tensors) -> Tensor?", &fastbnf::adjacent_flat);

@@ -44,7 +44,7 @@ NodePtr make_node(torch::autograd::edge_list&& next_edges) {
 }
 
 // The kernel ops, by name: the extension registers their CPU and CUDA implementations and the
-// schemas come from fastbnf/_schemas.py, declared before the extension loads.
+// schemas come from fastbnf/ops/library.py, declared before the extension loads.
 using OptVars = std::optional<at::ArrayRef<double>>;
 using OptTensors = std::optional<at::TensorList>;
 

@@ -1,7 +1,7 @@
 // The eager path of the sample and KL ops with compiled kernels: C++ autograd nodes, so that a
 // training step's backward runs no Python (eager_nodes.cpp). fastbnf/ops/native.py calls them
 // through the module fastbnf._C (module.cpp); the pure-PyTorch backend, functorch transforms and
-// several samples at once keep the autograd.Functions of fastbnf/ops/eager.py, which compute
+// several samples at once keep the autograd.Functions of fastbnf/ops/functions.py, which compute
 // the same.
 #pragma once
 

@@ -1,5 +1,5 @@
 // The Python module fastbnf._C. Importing it runs the static TORCH_LIBRARY_IMPL registrations of
-// the kernels (the schemas come from fastbnf/_schemas.py). Its functions are the eager path's
+// the kernels (the schemas come from fastbnf/ops/library.py). Its functions are the eager path's
 // entry points with C++ autograd nodes (eager_nodes.h), called by fastbnf/ops/native.py: bound
 // with pybind11 rather than declared as ops, since an op call from Python costs more host time,
 // and the profiler sees them under the public ops' names.

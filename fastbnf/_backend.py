@@ -131,7 +131,7 @@ def _backend_of(device_type: str, forced: str) -> str:
     elif not has_kernel(device_type):
         raise RuntimeError(
             f"FASTBNF_BACKEND={forced!r} is forced but the {forced} kernels are not built; "
-            "install fastbnf with its extension (see the README) or unset FASTBNF_BACKEND."
+            "install fastbnf with its extension (docs/usage.md) or unset FASTBNF_BACKEND."
         )
 
     return forced

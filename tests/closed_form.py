@@ -20,9 +20,9 @@ def softclip64(x):
 def expected_eps(rng_state, n_samples, numel):
     r"""eps of every flat sample index, float64, from the NumPy twin: (n_samples, numel)."""
 
-    stream_seed, offset = rng_state.cpu().tolist()
+    salted_seed, offset = rng_state.cpu().tolist()
     j = np.arange(n_samples * numel, dtype=np.uint64)
-    return torch.from_numpy(_normals(stream_seed, offset, j)).reshape(n_samples, numel)
+    return torch.from_numpy(_normals(salted_seed, offset, j)).reshape(n_samples, numel)
 
 
 class Formulas:

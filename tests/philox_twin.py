@@ -1,6 +1,6 @@
 r"""A NumPy twin of the compiled kernels' random stream (csrc/common/philox.h).
 
-Philox4x32-10 on arrays of counters, the key of a stream seed, the counter map and the float32
+Philox4x32-10 on arrays of counters, the key of a salted seed, the counter map and the float32
 Box-Muller transform, written independently of the C++ so that the tests compare the kernels
 against it (up to the ulps of log, sqrt and sinpi / cospi). It also lays out the counters of
 PyTorch's own CUDA random ops (curand_init(seed, thread, offset)), to show that fastbnf's never
@@ -42,10 +42,10 @@ def fold_salt(seed: int, salt: int) -> int:
     return (int(seed) ^ (int(salt) * SALT_MIX)) & _MASK64
 
 
-def philox_key(stream_seed: int) -> int:
-    r"""The Philox key of a stream seed: splitmix64's finalizer of ``seed ^ KEY_DOMAIN``."""
+def philox_key(salted_seed: int) -> int:
+    r"""The Philox key of a salted seed: splitmix64's finalizer of ``seed ^ KEY_DOMAIN``."""
 
-    z = (int(stream_seed) & _MASK64) ^ KEY_DOMAIN
+    z = (int(salted_seed) & _MASK64) ^ KEY_DOMAIN
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)

@@ -382,8 +382,8 @@ def test_group_over_2_31_elements():
     theta, kl, rng_state = K.sample_kernel(means, logvars, None, None, True, 2.0, None, None, 0)
     picks = np.array([0, 5, head - 1, head, (1 << 31) - 1, 1 << 31, numel - 1], dtype=np.uint64)
     idx = torch.from_numpy(picks.astype(np.int64)).cuda()
-    stream_seed, offset = rng_state.cpu().tolist()
-    expected = torch.from_numpy(_normals(stream_seed, offset, picks))
+    salted_seed, offset = rng_state.cpu().tolist()
+    expected = torch.from_numpy(_normals(salted_seed, offset, picks))
     torch.testing.assert_close(theta[idx].double().cpu(), expected, rtol=1e-5, atol=1e-5)
     # Each element adds 0.5 * (1/2 + log 2 - 1) to the KL.
     term = 0.5 * (0.5 + math.log(2.0) - 1.0)

@@ -420,8 +420,8 @@ def test_stream_equals_the_twin(device, seed, n):
 
     # An odd total so that the samples of n > 1 start mid-block.
     eps, rng_state = kernel_eps(device, [(1000,), (0,), (), (37, 3), (2001,)], n, seed % 2**63)
-    stream_seed, offset = rng_state.tolist()
-    assert eps_ulp_from_twin(eps, stream_seed, offset) <= 4
+    salted_seed, offset = rng_state.tolist()
+    assert eps_ulp_from_twin(eps, salted_seed, offset) <= 4
 
 
 def test_backward_follows_rng_state(device):

@@ -1,5 +1,5 @@
 // The fused variational Adam step on the CPU (fastbnf::adam_step_kernel; contract:
-// fastbnf/_schemas.py). One pass over the group per step, cut into the chunks of
+// fastbnf/ops/library.py). One pass over the group per step, cut into the chunks of
 // posterior_kernels.cpp (chunk_walk.h): per chunk, the current sample's normals (from rng_state)
 // and the next sample's (a new key) into two scratch buffers, then per tensor piece and block of
 // kBlock elements:

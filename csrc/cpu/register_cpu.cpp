@@ -1,5 +1,5 @@
 // Registers the CPU implementations of the kernel ops. The schemas are declared in Python
-// (fastbnf/_schemas.py), so that the ops exist without the extension; the dispatcher accepts
+// (fastbnf/ops/library.py), so that the ops exist without the extension; the dispatcher accepts
 // an implementation registered before its schema.
 #include <torch/library.h>
 
@@ -17,7 +17,7 @@ TORCH_LIBRARY_IMPL(fastbnf, CPU, m) {
 
 // The pool of large CPU outputs (buffer_pool.h), for fastbnf.empty_cache(), and the number of
 // threads that ran the last parallel kernel call (kernel_ops.h, for the tests). Declared here,
-// not in _schemas.py: these are controls of the extension, with no Python twin.
+// not in ops/library.py: these are controls of the extension, with no Python twin.
 TORCH_LIBRARY_FRAGMENT(fastbnf, m) {
   m.def("cpu_cache_release() -> int", &fastbnf::cpu::release_idle_buffers);
   m.def("cpu_cache_bytes() -> int", &fastbnf::cpu::idle_buffer_bytes);

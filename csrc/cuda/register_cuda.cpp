@@ -1,5 +1,5 @@
 // Registers the CUDA implementations of the kernel ops (built only with a CUDA torch). The
-// schemas are declared in Python (fastbnf/_schemas.py), so that the ops exist without the
+// schemas are declared in Python (fastbnf/ops/library.py), so that the ops exist without the
 // extension; the dispatcher accepts an implementation registered before its schema.
 #include <torch/library.h>
 
