@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install ninja pybind11 numpy pytest pytest-benchmark matplotlib zuko==1.6.0 peft transformers
+	$(PIP) install ninja pybind11 numpy pytest pytest-benchmark matplotlib zuko==1.6.0 peft transformers accelerate lightning
 	MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(PIP) install --no-build-isolation --no-deps -e .
 	@mkdir -p .make && touch $(STAMP)
 

@@ -28,6 +28,7 @@ def main(build_dir: str) -> int:
     # kernel ops the extension registers kernels to.
     from fastbnf import _build
     from fastbnf.ops.library import KERNEL_SUFFIX, SCHEMAS
+
     print(f"import fastbnf from the tree: {time.perf_counter() - start:.1f} s", flush=True)
 
     kwargs = _build.extension_kwargs(cuda=True)

@@ -319,6 +319,129 @@ def test_state_dicts_round_trip_and_resume_the_trajectory(backend):
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
+def snapshot(bm, optimizer):
+    r"""Copies of everything a load could change: the posterior, the optimizer's state dict
+    (the groups' hyperparameters, the moments, the samples, the keys, the step counts) and the
+    samples in the base model."""
+
+    return (
+        copy.deepcopy(bm.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+        [p.detach().clone() for p in bm.base.parameters()],
+    )
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, dict):
+            assert_same(list(x.values()), list(y.values()))
+        elif isinstance(x, (list, tuple)):
+            assert_same(x, y)
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            assert x == y
+
+
+def trained(backend, seed=0, hidden=16, steps=2):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+    bm = fastbnf.BayesianModel(base, init_logvar=-4.0, exclude_params=["2.bias"])
+    optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    for _ in range(steps):
+        (bm.base(x) - y).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return bm, optimizer
+
+
+@pytest.mark.parametrize("misfit", ["another model", "truncated sample", "no posterior", "key"])
+def test_a_bad_optimizer_state_dict_changes_nothing(backend, misfit):
+    r"""Everything is checked before anything is loaded: the optimizer is left as it was (its
+    learning rate too, which the bad state dict would change), and it still steps."""
+
+    bm, optimizer = trained(backend)
+    if misfit == "another model":
+        state = trained(backend, seed=1, hidden=8)[1].state_dict()
+    else:
+        state = copy.deepcopy(optimizer.state_dict())
+        if misfit == "truncated sample":
+            state["posterior"]["theta"][0] = state["posterior"]["theta"][0][:-3]
+        elif misfit == "no posterior":
+            del state["posterior"]
+        else:
+            state["posterior"]["rng_state"][0] = state["posterior"]["rng_state"][0].float()
+    for group in state["param_groups"]:
+        group["lr"] = 123.0
+    before = snapshot(bm, optimizer)
+
+    with pytest.raises(ValueError, match="VariationalAdam.load_state_dict: .*nothing was loaded"):
+        optimizer.load_state_dict(state)
+
+    assert_same(snapshot(bm, optimizer), before)
+    assert all(group["lr"] == 1e-2 for group in optimizer.param_groups)
+    (bm.base(torch.randn(4, 3)).sum()).backward()
+    optimizer.step()
+
+
+def test_a_sparse_gradient_is_refused_before_any_update(backend):
+    torch.manual_seed(0)
+    base = nn.ModuleDict({"embed": nn.Embedding(10, 3, sparse=True), "head": nn.Linear(3, 2)})
+    bm = fastbnf.BayesianModel(base, init_logvar=-4.0, include_params=["head"])
+    optimizer = VariationalAdam(bm, lr=1e-2)
+    base["head"](base["embed"](torch.tensor([1, 2, 3]))).sum().backward()
+    assert base["embed"].weight.grad.is_sparse
+    before = snapshot(bm, optimizer)
+
+    with pytest.raises(RuntimeError, match="does not support sparse gradients.*nothing was"):
+        optimizer.step()
+
+    assert_same(snapshot(bm, optimizer), before)
+
+
+def test_loading_the_model_redraws_the_held_sample(backend):
+    r"""bm.load_state_dict() while the optimizer keeps its sample in the base model: the sample
+    comes from the loaded posterior, not from the one before."""
+
+    bm, optimizer = trained(backend)
+    checkpoint = copy.deepcopy(bm.state_dict())
+    for key in checkpoint:
+        if key.startswith("means."):
+            checkpoint[key] += 10.0  # a posterior far from the one the sample was drawn from
+    bm.load_state_dict(checkpoint)
+
+    (group,) = bm._posterior.groups()
+    for name, mean, logvar in zip(group.names, group.means, group.logvars):
+        sample = bm.base.get_parameter(name)
+        sigma = fastbnf.reference.softclip(logvar).div(2).exp()
+        assert ((sample - mean) / sigma).abs().max() < 6, name
+    # The next step uses the new sample's key: its gradients are of the new sample.
+    (bm.base(torch.randn(4, 3)).sum()).backward()
+    optimizer.step()
+
+
+def test_num_data_is_a_kl_weight_of_one_over_n(backend):
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    results = []
+    for kwargs in ({"num_data": 250}, {"kl_weight": 1 / 250}):
+        torch.manual_seed(0)
+        bm = fastbnf.BayesianModel(nn.Linear(3, 2), init_logvar=-4.0)
+        optimizer = VariationalAdam(bm, lr=1e-2, **kwargs)
+        for _ in range(3):
+            (bm.base(x) - y).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append(torch.cat([t.detach().reshape(-1) for t in bm.parameters()]))
+    assert torch.equal(*results)
+
+    bm = fastbnf.BayesianModel(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="kl_weight or num_data .* not both"):
+        VariationalAdam(bm, kl_weight=0.1, num_data=10)
+    with pytest.raises(ValueError, match="num_data must be a positive integer, got 0"):
+        VariationalAdam(bm, num_data=0)
+
+
 def test_the_base_model_holds_samples_until_released(backend):
     ours, _ = twins(torch.float64)
     frozen = [p.detach().clone() for p in ours.base.parameters()]

@@ -74,3 +74,50 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path):
 
     # Each rank its own noise: another trajectory.
     assert not torch.allclose(folded[0], shared[0])
+
+
+def train_ddp(rank: int, fold_rank: bool) -> torch.Tensor:
+    r"""As :func:`train`, with the base model wrapped in DistributedDataParallel after the
+    optimizer is created (as trainers wrap it)."""
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    bm = fastbnf.BayesianModel(
+        net, init_logvar=-4.0, exclude_params=["2.bias"], fold_rank=fold_rank
+    )
+    optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3)
+    ddp = nn.parallel.DistributedDataParallel(bm.base)
+    for x, y in batches(rank):
+        (ddp(x) - y).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tensors = [*bm.means.values(), *bm.logvars.values(), net[2].bias]
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def ranks_train_ddp(rank: int, init_file: str, out_dir: str) -> None:
+    ranks.init(rank, init_file)
+    torch.save(train_ddp(rank, fold_rank=False), f"{out_dir}/ddp-rank{rank}.pt")
+    try:
+        train_ddp(rank, fold_rank=True)
+        message = ""
+    except RuntimeError as error:
+        message = str(error)
+    torch.save(message, f"{out_dir}/ddp-fold-rank{rank}.pt")
+    dist.barrier()
+
+
+def test_a_ddp_wrapped_base_with_one_sample_equals_one_process(tmp_path: Path):
+    r"""DistributedDataParallel averages the samples' gradients: right with fold_rank=False
+    (one sample on every rank), whose steps then equal one process with the whole batch; with
+    fold_rank=True the first step raises, naming the fix, on every rank."""
+
+    ranks.run(ranks_train_ddp, str(tmp_path / "init"), str(tmp_path))
+
+    wrapped = [torch.load(tmp_path / f"ddp-rank{r}.pt") for r in range(WORLD)]
+    assert torch.equal(wrapped[0], wrapped[1])
+    torch.testing.assert_close(wrapped[0], train(None, fold_rank=False), rtol=1e-12, atol=1e-14)
+
+    for r in range(WORLD):
+        message = torch.load(tmp_path / f"ddp-fold-rank{r}.pt")
+        assert "equal on every rank" in message and "fold_rank=False" in message

@@ -230,7 +230,14 @@ class BayesianModel(nn.Module):
         self._trick.invalidate()
 
     def _apply(self, fn, recurse=True):
-        if self._slots.held is not None:
+        held = self._slots.held
+        if held is not None:
+            # A trainer's move to the device the model is on already (Hugging Face's Trainer,
+            # Lightning's teardown) changes no tensor: nothing to refuse.
+            tensors = [*self.parameters(), *self.buffers()]
+            tensors += [t for t in held.originals.values()]
+            if all(fn(t) is t for t in tensors):
+                return self
             raise RuntimeError(
                 "BayesianModel: cannot move or convert the model while an optimizer keeps its "
                 "samples in the base model (fastbnf.optim.VariationalAdam); move it first, then "
@@ -262,7 +269,7 @@ class BayesianModel(nn.Module):
             new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         finally:
             if held is not None:
-                slots.hold(self._posterior.groups(), held.pieces)
+                slots.hold(self._posterior.groups(), held.pieces, held.redraw)
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -535,7 +542,8 @@ class BayesianModel(nn.Module):
 
         Unlike :meth:`torch.nn.Module.load_state_dict`, every key, shape and value (a tensor,
         and one with data unless ``assign``) is checked before anything is copied, so a bad
-        checkpoint leaves the model unchanged.
+        checkpoint leaves the model unchanged. While a :class:`fastbnf.optim.VariationalAdam`
+        keeps its sample in the base model, the sample is drawn anew from the loaded posterior.
         """
 
         expected = self.state_dict()
@@ -573,7 +581,10 @@ class BayesianModel(nn.Module):
             self._posterior.build()
         finally:
             if held is not None:
-                slots.hold(self._posterior.groups(), held.pieces)
+                slots.hold(self._posterior.groups(), held.pieces, held.redraw)
+        # The held samples came from the posterior before the load: drawn anew from this one.
+        if held is not None and held.redraw is not None:
+            held.redraw()
         return result
 
     def __getattr__(self, name: str) -> Any:

@@ -22,7 +22,7 @@ __all__ = ["Held", "Slots", "frozen_weights_in_state_dict", "slots_of", "swap_in
 
 import torch.nn as nn
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from torch import Tensor
@@ -47,11 +47,13 @@ Swapped = list[tuple[nn.Module, str, Tensor, Tensor]]
 @dataclass
 class Held:
     r"""Samples held in the base model's slots: the frozen weights they replace, the samples
-    (per group, per tensor) and the state dict names of each slot."""
+    (per group, per tensor), the state dict names of each slot, and what draws the samples
+    anew from the posterior (after it is loaded: a sample of the old one would be stale)."""
 
     originals: dict[tuple[nn.Module, str], Tensor]
     pieces: list[list[Tensor]]
     names: dict[tuple[nn.Module, str], list[str]]
+    redraw: Callable[[], None] | None = None
 
 
 def swap_in(samples: Sequence[tuple[Group, list[Tensor]]]) -> Swapped:
@@ -110,7 +112,12 @@ class Slots:
             return self.held.originals[module, attribute]
         return module._parameters[attribute]
 
-    def hold(self, groups: Sequence[Group], pieces: list[list[Tensor]]) -> None:
+    def hold(
+        self,
+        groups: Sequence[Group],
+        pieces: list[list[Tensor]],
+        redraw: Callable[[], None] | None = None,
+    ) -> None:
         r"""Puts samples in the slots until :meth:`release`.
 
         Internal interface for :mod:`fastbnf.optim`.
@@ -118,6 +125,8 @@ class Slots:
         Arguments:
             groups: The posterior's groups.
             pieces: Their samples, per group and tensor.
+            redraw: Draws new samples into ``pieces``, in place, from the posterior as it is;
+                called by :meth:`fastbnf.BayesianModel.load_state_dict` after it loads one.
         """
 
         if self.held is not None or self.active:
@@ -134,7 +143,7 @@ class Slots:
                 [n for n, m in self.base.named_modules(remove_duplicate=False) if m is module]
             ]
         }
-        self.held = Held(originals, pieces, names)
+        self.held = Held(originals, pieces, names, redraw)
 
     def release(self) -> None:
         r"""Puts the frozen weights back in the slots.

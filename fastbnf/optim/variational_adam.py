@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from numbers import Real
 from torch import Tensor
 from typing import Any
@@ -28,6 +28,20 @@ def _check(value: Any, name: str, low: float = 0.0, high: float = math.inf) -> f
             f"VariationalAdam: {name} must be a number in [{low}, {high}), got {value!r}."
         )
     return float(value)
+
+
+def _kl_weight(kl_weight: Any, num_data: Any) -> float:
+    if num_data is None:
+        return 1.0 if kl_weight is None else _check(kl_weight, "kl_weight")
+    if kl_weight is not None:
+        raise ValueError(
+            "VariationalAdam: give kl_weight or num_data (kl_weight = 1 / num_data), not both."
+        )
+    if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+        raise ValueError(
+            f"VariationalAdam: num_data must be a positive integer, got {num_data!r}."
+        )
+    return 1.0 / num_data
 
 
 def _data_parallel() -> bool:
@@ -78,13 +92,23 @@ class VariationalAdam(torch.optim.Optimizer):
     base model's parameters that are not Bayesian get AdamW's update. Gradients accumulated
     over several backward passes between steps all belong to one sample.
 
+    Trainers drive it as any optimizer: its ``param_groups`` hold the tensors that receive
+    the gradients, the samples in the base model (and the base model's other trained
+    parameters), so that :class:`torch.amp.GradScaler` (``unscale_``, its inf checks and
+    skipped steps), :func:`torch.nn.utils.clip_grad_norm_` over them, ``zero_grad`` and the LR
+    schedulers work as with :class:`torch.optim.Adam`. The posterior (``means``, ``logvars``)
+    and Adam's moments are the optimizer's state.
+
     Data parallelism: in an initialized process group of several ranks, :meth:`step` averages
     over the ranks before the identical update on every rank (one ``all_reduce`` per group,
     one for the non-Bayesian parameters). When the model's ``fold_rank`` is false, every rank
     holds the same sample and the samples' gradients are averaged; when it is true, each rank
     has its own noise and forms its own reparameterization gradient, and those are averaged.
-    Do not wrap the base model in :class:`~torch.nn.parallel.DistributedDataParallel`: its
-    averaging of the samples' gradients would mix the ranks' noise.
+    The base model may be wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`
+    (after the optimizer is created, as trainers do) only with ``fold_rank=False``: DDP then
+    averages the samples' gradients, which is right for one sample on every rank. With
+    ``fold_rank=True`` DDP's average would mix the ranks' noise; the first step detects
+    gradients equal on every rank and raises.
 
     Sharding (FSDP2): create the optimizer first, then apply ``fully_shard()`` to the base model
     or its modules (``fully_shard(bm.base)``, not ``fully_shard(bm)``). FSDP then shards the
@@ -108,9 +132,14 @@ class VariationalAdam(torch.optim.Optimizer):
         eps: Adam's term added to the denominator.
         weight_decay: The decoupled weight decay (AdamW's) of the means and of the non-Bayesian
             parameters; the log-variances have none.
-        kl_weight: The weight :math:`\lambda` of the KL divergence in the loss.
+        kl_weight: The weight :math:`\lambda` of the KL divergence in the loss. For a data
+            loss averaged over the batch, the evidence lower bound per example has
+            :math:`\lambda = 1 / N` for :math:`N` training examples: give ``num_data``
+            instead. The default 1 weighs the KL as much as the whole dataset does.
         prior_var: The prior variance, or a dict of them keyed like ``means``.
         prior_mean: The prior mean, 0 or ``"init"`` for the base model's weights.
+        num_data: The number of training examples :math:`N`, for ``kl_weight = 1 / N``
+            (IVON's effective sample size); not with ``kl_weight``.
     """
 
     def __init__(
@@ -120,9 +149,10 @@ class VariationalAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        kl_weight: float = 1.0,
+        kl_weight: float | None = None,
         prior_var: Any = 1.0,
         prior_mean: Any = 0.0,
+        num_data: int | None = None,
     ) -> None:
         if not isinstance(model, BayesianModel):
             raise TypeError(
@@ -135,7 +165,7 @@ class VariationalAdam(torch.optim.Optimizer):
             betas=(_check(betas[0], "betas[0]", high=1.0), _check(betas[1], "betas[1]", high=1.0)),
             eps=_check(eps, "eps"),
             weight_decay=_check(weight_decay, "weight_decay"),
-            kl_weight=_check(kl_weight, "kl_weight"),
+            kl_weight=_kl_weight(kl_weight, num_data),
         )
         # The model's internal interface (fastbnf.model.posterior, fastbnf.model.slots).
         posterior, slots = posterior_of(model), slots_of(model)
@@ -157,36 +187,18 @@ class VariationalAdam(torch.optim.Optimizer):
             )
 
         groups = posterior.groups()
-        params = [p for g in groups for p in (*g.means, *g.logvars)]
+        posterior_ids = {id(p) for g in groups for p in (*g.means, *g.logvars)}
         # The base model's own trained parameters (its slots may hold the means themselves,
         # keep_base_weights=False: those are the posterior's).
-        ids = {id(p) for p in params}
-        others = [p for p in model.base.parameters() if p.requires_grad and id(p) not in ids]
-        param_groups = [{"params": params, "posterior": True}]
-        if others:
-            param_groups.append({"params": others, "posterior": False})
-        super().__init__(param_groups, defaults)
-
-        self.model = model
-        self._posterior = posterior
-        self._slots = slots
-        # Where each non-Bayesian parameter sits in the base model, so that the step finds the
-        # shard that a later fully_shard() puts there instead.
-        self._other_places: dict[int, tuple[nn.Module, str]] = {}
-        for module in model.base.modules():
-            for attribute, p in module._parameters.items():
-                if p is not None and p.requires_grad and id(p) not in ids:
-                    self._other_places.setdefault(id(p), (module, attribute))
-        self._priors = [posterior.prior(g, prior_var, prior_mean) for g in groups]
-        # Per group: the flat sample (the base model's leaves are views of it), the key it was
-        # drawn from and the count of steps taken. Kept beside the optimizer's state, whose
-        # loading would cast the int64 key to the parameters' dtype.
-        self._thetas: list[Tensor] = []
-        self._rng_states: list[Tensor] = []
-        self._steps = [0] * len(groups)
-        pieces: list[list[Tensor]] = []
+        others = [
+            p for p in model.base.parameters() if p.requires_grad and id(p) not in posterior_ids
+        ]
+        priors = [posterior.prior(g, prior_var, prior_mean) for g in groups]
+        # Per group: the flat sample (the base model's leaves are views of it) and the key it
+        # was drawn from.
+        thetas, rng_states, pieces = [], [], []
         with torch.no_grad():
-            for group, prior in zip(groups, self._priors):
+            for group, prior in zip(groups, priors):
                 theta, _, rng_state = ops.sample(
                     group.means,
                     group.logvars,
@@ -196,10 +208,33 @@ class VariationalAdam(torch.optim.Optimizer):
                     prior,
                     posterior.salt(),
                 )
-                self._thetas.append(theta)
-                self._rng_states.append(rng_state)
+                thetas.append(theta)
+                rng_states.append(rng_state)
                 pieces.append([nn.Parameter(v) for v in ops.unflatten(theta, group.means)])
+        # The parameters a trainer sees are the tensors that receive the gradients.
+        param_groups = [{"params": [p for ps in pieces for p in ps], "posterior": True}]
+        if others:
+            param_groups.append({"params": others, "posterior": False})
+        super().__init__(param_groups, defaults)
+
+        self.model = model
+        self._posterior = posterior
+        self._slots = slots
+        self._priors = priors
+        self._thetas: list[Tensor] = thetas
+        self._rng_states: list[Tensor] = rng_states
+        # The count of steps taken, per group. The posterior's state is kept beside the
+        # optimizer's own (state_dict's "posterior"): loading the latter would cast it to the
+        # dtype of the samples it is keyed by, and the key (int64) with it.
+        self._steps = [0] * len(groups)
         self._pieces = pieces
+        # Where each non-Bayesian parameter sits in the base model, so that the step finds the
+        # shard that a later fully_shard() puts there instead.
+        self._other_places: dict[int, tuple[nn.Module, str]] = {}
+        for module in model.base.modules():
+            for attribute, p in module._parameters.items():
+                if p is not None and p.requires_grad and id(p) not in posterior_ids:
+                    self._other_places.setdefault(id(p), (module, attribute))
         # The slots of every sample and their names, which fully_shard() leaves in place.
         self._places = [list(group.places) for group in groups]
         self._names = [list(group.names) for group in groups]
@@ -228,27 +263,35 @@ class VariationalAdam(torch.optim.Optimizer):
         ]
         self._attach_grads()
         # Adam's moments of a group in two flat buffers (the means', then the log-variances'),
-        # which the fused step reads and writes as they are; the state of each parameter holds
-        # its views.
+        # which the fused step reads and writes as they are.
         self._exp_avgs = [
             g.means[0].new_zeros(2 * t.numel()) for g, t in zip(groups, self._thetas)
         ]
         self._exp_avg_sqs = [torch.zeros_like(m) for m in self._exp_avgs]
-        self._bind_moments()
-        slots.hold(groups, pieces)
+        # Whether the first step under data parallelism has checked the gradients' origin.
+        self._checked_ranks = False
+        slots.hold(groups, pieces, self._redraw)
 
-    def _bind_moments(self) -> None:
-        r"""Makes each posterior parameter's ``exp_avg`` and ``exp_avg_sq`` its views of the
-        group's flat moments."""
+    def _redraw(self) -> None:
+        r"""Draws every group's sample anew from the posterior as it is, into the flat samples
+        in place (the base model's leaves are views of them): after the model loads a state
+        dict, a sample of the posterior before would be stale."""
 
-        for group, exp_avgs, exp_avg_sqs in zip(
-            self._posterior.groups(), self._exp_avgs, self._exp_avg_sqs
-        ):
-            tensors = [*group.means, *group.logvars]
-            views = zip(ops.unflatten(exp_avgs, tensors), ops.unflatten(exp_avg_sqs, tensors))
-            for p, (exp_avg, exp_avg_sq) in zip(tensors, views):
-                self.state[p]["exp_avg"] = exp_avg
-                self.state[p]["exp_avg_sq"] = exp_avg_sq
+        with torch.no_grad():
+            for i, (group, prior) in enumerate(zip(self._posterior.groups(), self._priors)):
+                theta, _, self._rng_states[i] = ops.sample(
+                    group.means,
+                    group.logvars,
+                    None,
+                    self._thetas[i].dtype,
+                    False,
+                    prior,
+                    self._posterior.salt(),
+                )
+                self._thetas[i].copy_(theta)
+            for pieces, shards in zip(self._pieces, self._sharded_samples()):
+                for j, shard in shards.items():
+                    _write_shard(shard, pieces[j].detach())
 
     def _attach_grads(self) -> None:
         r"""Makes every sample's .grad its view of the group's flat gradient buffer."""
@@ -378,7 +421,7 @@ class VariationalAdam(torch.optim.Optimizer):
         self._check_means()
         samples = self._sharded_samples()
         others = self._sharded_others()
-        if any(samples) and self.model.fold_rank and _data_parallel():
+        if any(samples) and self._posterior.fold_rank and _data_parallel():
             raise RuntimeError(
                 "VariationalAdam: fully_shard() averages the samples' gradients over the "
                 "ranks, which is right only when every rank holds the same sample; the model's "
@@ -389,6 +432,9 @@ class VariationalAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_sparse()
+        if not self._checked_ranks and _data_parallel():
+            self._check_ranks()
 
         for param_group in self.param_groups:
             options = {k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay")}
@@ -397,6 +443,42 @@ class VariationalAdam(torch.optim.Optimizer):
             else:
                 self._plain_step(param_group["params"], others, **options)
         return loss
+
+    def _check_sparse(self) -> None:
+        r"""Refuses sparse gradients before anything is updated, as :class:`torch.optim.Adam`
+        does."""
+
+        for param_group in self.param_groups:
+            for p in param_group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "VariationalAdam does not support sparse gradients (a parameter of "
+                        f"shape {tuple(p.shape)}, from nn.Embedding(sparse=True), say); "
+                        "nothing was updated. Use dense gradients, or torch.optim.SparseAdam "
+                        "for those parameters."
+                    )
+
+    def _check_ranks(self) -> None:
+        r"""On the first step under data parallelism with ``fold_rank``: refuses gradients of
+        the samples that are equal on every rank, which only an average over the ranks
+        before the step makes (the base model wrapped in DistributedDataParallel), since each
+        rank holds its own sample. One all-reduce, once."""
+
+        self._checked_ranks = True
+        if not self._posterior.fold_rank or not self._grads:
+            return
+        total = torch.stack([g.double().sum() for g in self._grads]).sum()
+        extremes = torch.stack([total, -total]).to(self._grads[0].device)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        if extremes[0] == -extremes[1] and total != 0:
+            raise RuntimeError(
+                "VariationalAdam: the samples' gradients are equal on every rank, averaged "
+                "before the step (the base model wrapped in DistributedDataParallel?), but "
+                "the model's fold_rank=True gives each rank its own sample, whose gradient "
+                "must stay its own. Create the BayesianModel with fold_rank=False to wrap its "
+                "base in DistributedDataParallel, or do not wrap it: the step averages over "
+                "the ranks itself."
+            )
 
     def _posterior_step(self, kl_weight, samples, lr, betas, eps, weight_decay) -> None:
         groups = self._posterior.groups()
@@ -490,8 +572,15 @@ class VariationalAdam(torch.optim.Optimizer):
                 _write_shard(shards[id(p)], p.detach())
 
     def state_dict(self) -> dict[str, Any]:
+        r"""Returns the optimizer's state: :class:`torch.optim.Optimizer`'s (the parameter
+        groups and the non-Bayesian parameters' moments) and, under ``"posterior"``, per
+        group, Adam's flat moments of the means and log-variances, the current sample, its
+        key and the count of steps (the posterior itself is the model's state dict)."""
+
         state = super().state_dict()
-        state["samples"] = {
+        state["posterior"] = {
+            "exp_avgs": [m.clone() for m in self._exp_avgs],
+            "exp_avg_sqs": [m.clone() for m in self._exp_avg_sqs],
             "theta": [t.clone() for t in self._thetas],
             "rng_state": [r.clone() for r in self._rng_states],
             "step": list(self._steps),
@@ -499,30 +588,106 @@ class VariationalAdam(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        samples = state_dict.pop("samples", None)
-        if samples is None or len(samples["theta"]) != len(self._thetas):
+        r"""Loads a state from :meth:`state_dict`, after checking all of it: a state dict of
+        another model or optimizer, or a truncated one, raises and changes nothing."""
+
+        problems = self._misfits(state_dict)
+        if problems:
             raise ValueError(
-                "VariationalAdam.load_state_dict: the state dict holds no samples of this "
-                "model's groups (not a VariationalAdam's, or another model's)."
+                "VariationalAdam.load_state_dict: the state dict does not fit this optimizer "
+                "(another model's, or not a VariationalAdam's?), nothing was loaded:\n  "
+                + "\n  ".join(problems)
             )
+        state_dict = dict(state_dict)
+        posterior = state_dict.pop("posterior")
         super().load_state_dict(state_dict)
         with torch.no_grad():
-            # The loaded state holds new tensors: into the flat moments, then views again.
-            for group, exp_avgs, exp_avg_sqs in zip(
-                self._posterior.groups(), self._exp_avgs, self._exp_avg_sqs
+            for mine, loaded in (
+                (self._exp_avgs, posterior["exp_avgs"]),
+                (self._exp_avg_sqs, posterior["exp_avg_sqs"]),
+                # In place: the base model's leaves are views of the flat samples.
+                (self._thetas, posterior["theta"]),
             ):
-                tensors = [*group.means, *group.logvars]
-                torch.cat([self.state[p]["exp_avg"].reshape(-1) for p in tensors], out=exp_avgs)
-                torch.cat(
-                    [self.state[p]["exp_avg_sq"].reshape(-1) for p in tensors], out=exp_avg_sqs
-                )
-            self._bind_moments()
-            # Into the flat samples in place: the base model's leaves are views of them.
-            for theta, loaded in zip(self._thetas, samples["theta"]):
-                theta.copy_(loaded)
+                for tensor, value in zip(mine, loaded):
+                    tensor.copy_(value)
             for pieces, shards in zip(self._pieces, self._sharded_samples()):
                 for j, shard in shards.items():
                     _write_shard(shard, pieces[j].detach())
-        self._rng_states = [r.clone() for r in samples["rng_state"]]
-        self._steps = list(samples["step"])
+        self._rng_states = [
+            r.to(mine.device, copy=True)
+            for r, mine in zip(posterior["rng_state"], self._rng_states)
+        ]
+        self._steps = [int(step) for step in posterior["step"]]
+
+    def _misfits(self, state_dict: Any) -> list[str]:
+        r"""What in a state dict does not fit this optimizer, as readable lines."""
+
+        if not isinstance(state_dict, Mapping):
+            return [f"a {type(state_dict).__name__}, not a state dict"]
+        missing = [k for k in ("state", "param_groups", "posterior") if k not in state_dict]
+        if missing:
+            return [f"no {k!r} entry" for k in missing]
+        problems = []
+
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            problems.append(
+                f"param_groups: {len(groups)} groups, this optimizer has {len(self.param_groups)}"
+            )
+        for i, (loaded, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(loaded.get("params", ())) != len(mine["params"]):
+                problems.append(
+                    f"param_groups[{i}]: {len(loaded.get('params', ()))} parameters, this "
+                    f"optimizer has {len(mine['params'])}"
+                )
+            if loaded.get("posterior") != mine["posterior"]:
+                problems.append(f"param_groups[{i}]: not the same kind of group")
+            for key in ("lr", "betas", "eps", "weight_decay", "kl_weight"):
+                if key not in loaded:
+                    problems.append(f"param_groups[{i}]: no {key!r}")
+
+        posterior = state_dict["posterior"]
+        expected = {
+            "exp_avgs": self._exp_avgs,
+            "exp_avg_sqs": self._exp_avg_sqs,
+            "theta": self._thetas,
+            "rng_state": self._rng_states,
+            "step": self._steps,
+        }
+        for key, mine in expected.items():
+            loaded = posterior.get(key) if isinstance(posterior, Mapping) else None
+            if not isinstance(loaded, (list, tuple)) or len(loaded) != len(mine):
+                problems.append(
+                    f"posterior[{key!r}]: not a list of {len(mine)} entries, one per group"
+                )
+                continue
+            for i, (value, reference) in enumerate(zip(loaded, mine)):
+                where = f"posterior[{key!r}][{i}]"
+                if key == "step":
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        problems.append(f"{where}: {value!r}, not a count of steps")
+                elif not isinstance(value, Tensor):
+                    problems.append(f"{where}: a {type(value).__name__}, not a tensor")
+                elif value.shape != reference.shape:
+                    problems.append(
+                        f"{where}: shape {tuple(value.shape)}, this optimizer's is "
+                        f"{tuple(reference.shape)}"
+                    )
+                elif key == "rng_state" and value.dtype != torch.int64:
+                    problems.append(f"{where}: {value.dtype}, not torch.int64")
+                elif key != "rng_state" and not value.is_floating_point():
+                    problems.append(f"{where}: {value.dtype}, not a floating-point dtype")
+
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in dict(state_dict["state"]).items():
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                problems.append(f"state[{index!r}]: not a parameter of this optimizer")
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = entry.get(key)
+                if not isinstance(value, Tensor) or value.shape != params[index].shape:
+                    problems.append(
+                        f"state[{index}][{key!r}]: not a tensor of shape "
+                        f"{tuple(params[index].shape)}"
+                    )
+        return problems
