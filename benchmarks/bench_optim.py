@@ -42,7 +42,8 @@ def test_optimizer_step(benchmark, quick, monkeypatch, device, contender):
     numel = sum(p.numel() for p in base)
 
     if contender.startswith("variational-adam"):
-        backend = "torch" if contender.endswith("torch") else ("cpp" if device == "cpu" else "cuda")
+        compiled = "cpp" if device == "cpu" else "cuda"
+        backend = "torch" if contender.endswith("torch") else compiled
         if backend != "torch" and not has_kernel(device):
             pytest.skip(f"fastbnf {backend} kernel not built")
         monkeypatch.setenv("FASTBNF_BACKEND", backend)
