@@ -22,6 +22,7 @@ from .posterior import Group, Posterior, check_finite
 from .selection import select_parameters
 from .sharding import FORWARD, Sharding, gathered, gathered_draw
 from .slots import Slots, frozen_weights_in_state_dict, swap_in, swap_out
+from .structure import Watch
 
 _SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -175,6 +176,7 @@ class BayesianModel(nn.Module):
         :meth:`torch.nn.Module.__setattr__`)."""
 
         slots = Slots(self.base, [place for _, _, places in selected for place in places])
+        slots.watch = Watch(self.base, [(name, places) for _, name, places in selected])
         posterior = Posterior(
             self.means, self.logvars, selected, slots, sample_dtype, fold_rank, keep_base_weights
         )
@@ -285,6 +287,9 @@ class BayesianModel(nn.Module):
         if legacy:
             self._collaborate(selected, sample_dtype, fold_rank, keep_base_weights)
         else:
+            if self._slots.watch is None:  # pickled before the watch
+                selected = self._posterior.selected
+                self._slots.watch = Watch(self.base, [(n, p) for _, n, p in selected])
             self._posterior.build()
 
     def forward(self, *args, **kwargs) -> Any:
@@ -425,6 +430,7 @@ class BayesianModel(nn.Module):
                     memo[id(module._parameters[attribute])] = copies[id(original)]
 
         new_base = copy.deepcopy(self.base, memo)
+        checkpointing.strip(new_base)
         new_base.load_state_dict(params, strict=False)
 
         for name in params:
@@ -464,15 +470,15 @@ class BayesianModel(nn.Module):
             | https://arxiv.org/abs/1506.02557
         """
 
-        slots = self._slots
-        if slots.active:
-            raise RuntimeError(
-                "reparameterize() is already active on this BayesianModel; contexts on the same "
-                "model cannot nest. Use sample_model() for a second, independent sample."
-            )
+        if local_trick.__class__ is not bool or return_kl.__class__ is not bool:
+            flag, value = ("local_trick", local_trick)
+            if local_trick.__class__ is bool:
+                flag, value = ("return_kl", return_kl)
+            raise ValueError(f"reparameterize(): {flag} must be True or False, got {value!r}.")
 
         posterior = self._posterior
         posterior.check_prior(prior_var, prior_mean)
+        self._slots.watch.check()
 
         sharded = fully_sharded(self)
         gathers = sharded and not self._sharding.forwarding
@@ -481,19 +487,25 @@ class BayesianModel(nn.Module):
                 "reparameterize(local_trick=True) is not supported under fully_shard() (FSDP2): "
                 "its layers read the posterior outside the op calls that gather it."
             )
-        reshard = gathers and self._sharding.reshards(self)
 
-        layers, skip, others = self._trick.plan() if local_trick else ({}, frozenset(), None)
-        samples, kl = self._draw(None, return_kl, prior_var, prior_mean, skip)
-
-        if return_kl and skip:
-            kl = posterior.kl(posterior.groups(others), prior_var, prior_mean, kl)
-
-        slots.active = True
+        slots = self._slots
+        if not slots.claim():
+            raise RuntimeError(
+                "reparameterize() is already active on this BayesianModel (in this thread or "
+                "another); contexts on the same model cannot nest or overlap. Use "
+                "sample_model() for a second, independent sample."
+            )
         swapped = []
+        reshard = False
 
         # Straight-line code rather than nested context managers: this runs every step.
         try:
+            reshard = gathers and self._sharding.reshards(self)
+            layers, skip, others = self._trick.plan() if local_trick else ({}, frozenset(), None)
+            samples, kl = self._draw(None, return_kl, prior_var, prior_mean, skip)
+            if return_kl and skip:
+                kl = posterior.kl(posterior.groups(others), prior_var, prior_mean, kl)
+
             if sharded:
                 slots.check_unsharded(samples)
             swapped = swap_in(samples)
@@ -506,7 +518,7 @@ class BayesianModel(nn.Module):
                     checkpointing.uninstall(slots, state)
         finally:
             swap_out(swapped)
-            slots.active = False
+            slots.unclaim()
             if reshard:
                 self.reshard()
 

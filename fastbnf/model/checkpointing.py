@@ -24,7 +24,7 @@ import the model. The public names are re-exported by :mod:`fastbnf.checkpointin
 
 from __future__ import annotations
 
-__all__ = ["checkpoint", "context_fn", "disarm", "install", "uninstall"]
+__all__ = ["checkpoint", "context_fn", "disarm", "install", "strip", "uninstall"]
 
 import torch
 import torch.nn as nn
@@ -85,9 +85,15 @@ class _Sentinel:
         self.slots = weakref.ref(slots)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        # Outside a backward, or in compiled code (whose recomputations come from its graph,
-        # never from the module), no recomputation can see the base weights.
-        if torch.compiler.is_compiling() or _compat.graph_task_id() == -1:
+        # Outside a backward, in compiled code (whose recomputations come from its graph,
+        # never from the module), or without gradients (a recomputation builds a graph; a
+        # forward under no_grad in some autograd function's backward is not one), no
+        # recomputation can see the base weights.
+        if (
+            torch.compiler.is_compiling()
+            or _compat.graph_task_id() == -1
+            or not torch.is_grad_enabled()
+        ):
             return None
 
         slots = self.slots()
@@ -120,6 +126,19 @@ def _arm(slots: Slots) -> None:
         _compat.set_forward_pre_hook(module, _KEY, sentinel)
 
     _ARMED.add(slots)
+
+
+def strip(module: nn.Module) -> None:
+    r"""Takes every sentinel off a module and its submodules, for good: a copy of the base model
+    (:meth:`~fastbnf.model.BayesianModel.sample_model`) is a plain model, with no hook of
+    fastbnf's.
+
+    Arguments:
+        module: A module.
+    """
+
+    for m in module.modules():
+        _compat.set_forward_pre_hook(m, _KEY, None)
 
 
 def disarm(model: nn.Module) -> None:

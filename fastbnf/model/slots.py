@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["Held", "Slots", "frozen_weights_in_state_dict", "slots_of", "swap_in", "swap_out"]
 
+import threading
 import torch.nn as nn
 
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 from .._compat import swap_parameter
 from .._sharding import is_dtensor
+from .structure import Watch
 
 
 class Group(Protocol):
@@ -99,11 +101,38 @@ class Slots:
         self.active = False
         # The samples an optimizer keeps in the slots (fastbnf.optim), if any.
         self.held: Held | None = None
+        # Taken by a context for its whole life (claim): two threads cannot both see the slots
+        # free, and swap each other's samples in and out.
+        self._claim = threading.Lock()
+        # The watch on the base model's modules (structure.Watch), set by the model.
+        self.watch: Watch | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy holds the frozen weights: BayesianModel refuses to pickle held samples and
         # releases them around a deepcopy; a context's samples are swapped out of the copy.
-        return {**self.__dict__, "active": False}
+        state = {**self.__dict__, "active": False}
+        del state["_claim"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("watch", None)  # pickled before the watch
+        self._claim = threading.Lock()
+
+    def claim(self) -> bool:
+        r"""Marks the slots active for a context, atomically; tells whether they were free
+        (no context of this or another thread holds them)."""
+
+        if not self._claim.acquire(blocking=False):
+            return False
+        self.active = True
+        return True
+
+    def unclaim(self) -> None:
+        r"""Ends a context's :meth:`claim`."""
+
+        self.active = False
+        self._claim.release()
 
     def original(self, module: nn.Module, attribute: str) -> Tensor:
         r"""Returns the frozen weight of a slot, whatever the slot holds now."""
@@ -131,6 +160,8 @@ class Slots:
 
         if self.held is not None or self.active:
             raise RuntimeError("BayesianModel: the base model's slots are in use already.")
+        if self.watch is not None:
+            self.watch.check()
         originals = {}
         for group, views in zip(groups, pieces, strict=True):
             for module, attribute, i in group.places:
