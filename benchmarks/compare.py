@@ -5,13 +5,15 @@ Usage::
     python -m benchmarks.compare --base DIR --runs 3 --name NAME [--out benchmarks/results] \
         -- PYTEST_ARGS...
 
-runs ``pytest --benchmark-only PYTEST_ARGS`` alternately in the checkout ``DIR`` (the base: a
-worktree of the commit before a change, with its extension built) and in this one, ``--runs``
-times each, one process per run, and writes ``<out>/<name>.json`` (every run's
-pytest-benchmark JSON of both sides) and ``<out>/<name>.md``: for each benchmark, its median on
-each side (the median over the runs of each run's median) and the ratio this/base, taken
-between the runs of the same round and then their median, with their range. Alternating the
-sides spreads the machine's drift over both.
+runs ``pytest --benchmark-only PYTEST_ARGS`` in the checkout ``DIR`` (the base: a worktree of
+the commit before a change, with its extension built) and in this one, ``--runs`` rounds of one
+run each, one process per run, the side that goes first alternating from round to round, and
+writes ``<out>/<name>.json`` (every run's pytest-benchmark JSON of both sides) and
+``<out>/<name>.md``: for each benchmark, its median on each side (the median over the runs of
+each run's median) and the ratio this/base, taken between the runs of the same round and then
+their median, with their range; and where the group has a ``plain`` contender (the unwrapped
+model, which the change does not touch), the same ratio over ``plain``'s in the same run, which
+takes out the machine's drift between the two runs of a round.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def render(base: list[dict], this: list[dict], title: str, command: str) -> str:
         "round (one run of each side), then their median (range in brackets); below 1 is "
         "faster than the base.",
         "",
-        "| group | contender | base | this | this / base |",
-        "| --- | --- | --- | --- | --- |",
+        "| group | contender | base | this | this / base | this / base, over plain |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     groups = sorted({g for m in this_medians for g in m})
     for group in groups:
@@ -59,8 +61,17 @@ def render(base: list[dict], this: list[dict], title: str, command: str) -> str:
             base_time = statistics.median(b for b, _ in pairs)
             this_time = statistics.median(t for _, t in pairs)
             ratio = spread([t / b for b, t in pairs])
+            controlled = spread(
+                [
+                    (t[group][c] / t[group]["plain"]) / (b[group][c] / b[group]["plain"])
+                    for b, t in zip(base_medians, this_medians)
+                    if c != "plain"
+                    and all(k in m.get(group, {}) for m in (b, t) for k in (c, "plain"))
+                ]
+            )
             lines.append(
-                f"| {group} | {c} | {fmt_time(base_time)} | {fmt_time(this_time)} | {ratio} |"
+                f"| {group} | {c} | {fmt_time(base_time)} | {fmt_time(this_time)} | {ratio} "
+                f"| {controlled} |"
             )
     return "\n".join(lines)
 
@@ -77,9 +88,15 @@ def main(argv=None) -> None:
     pytest_args = [a for a in args.pytest_args if a != "--"]
 
     base, this = [], []
-    for _ in range(args.runs):
-        base.append(run_once(pytest_args, cwd=args.base))
-        this.append(run_once(pytest_args))
+    for round_ in range(args.runs):
+        # The first run of a round and the second meet the machine differently (caches, load):
+        # each side goes first every other round.
+        if round_ % 2 == 0:
+            base.append(run_once(pytest_args, cwd=args.base))
+            this.append(run_once(pytest_args))
+        else:
+            this.append(run_once(pytest_args))
+            base.append(run_once(pytest_args, cwd=args.base))
     command = f"--base BASE --runs {args.runs} --name {args.name} -- " + " ".join(pytest_args)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "base": base, "this": this}

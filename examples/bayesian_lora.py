@@ -7,10 +7,11 @@ over the lower half of the vocabulary) and then measures the predictive uncertai
 token over posterior samples, on sequences of the task and on two kinds the fine-tuning never
 showed: counting over the upper half of the vocabulary, and random tokens.
 
-    python -m examples.bayesian_lora [--steps 300] [--optim] [--out demo-output]
+    python -m examples.bayesian_lora [--steps 300] [--optim] [--blob] [--out demo-output]
 
 ``--optim`` trains with :class:`fastbnf.optim.VariationalAdam` and a plain model's loop instead
-of the seed's loop (``kl_divergence()``, ``reparameterize()``, ``torch.optim.Adam``).
+of the seed's loop (``kl_divergence()``, ``reparameterize()``, ``torch.optim.Adam``). ``--blob``
+puts the posterior on the A factors only, as BLoB does (:data:`BLOB`), instead of both.
 """
 
 import argparse
@@ -26,8 +27,13 @@ import fastbnf
 from fastbnf import metrics
 
 #: The selector of the LoRA factors in a peft model's parameter names, such as
-#: ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight``.
+#: ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight``: a mean-field
+#: posterior over both factors of every adapter.
 LORA = ["**.lora_A", "**.lora_B"]
+
+#: BLoB's selection ("Bayesian Low-Rank Adaptation by Backpropagation", Wang et al., 2024): the
+#: posterior on the A factors only, the B factors trained as point estimates.
+BLOB = ["**.lora_A"]
 
 
 def lora_gpt2(
@@ -219,6 +225,7 @@ def run(
     layers: int = 2,
     length: int = 16,
     seed: int = 0,
+    factors: list[str] = LORA,
 ) -> dict[str, dict[str, float]]:
     r"""Fine-tunes a Bayesian LoRA, prints and plots its predictive uncertainty.
 
@@ -232,6 +239,7 @@ def run(
         layers: The number of its transformer blocks.
         length: The sequence length.
         seed: The seed of the model, the training and the evaluation data.
+        factors: The selection of the Bayesian factors, :data:`LORA` or :data:`BLOB`.
 
     Returns:
         Per evaluation set, the mean ``entropy``, ``mutual_info`` and ``spread``, and the
@@ -242,13 +250,13 @@ def run(
     peft_model = lora_gpt2(vocab=vocab, width=width, layers=layers, positions=length)
     # init_logvar=-6 (σ = 0.05): small against the factors, large enough that the samples
     # differ from the first step.
-    bm = fastbnf.BayesianModel(peft_model, init_logvar=-6.0, include_params=LORA)
+    bm = fastbnf.BayesianModel(peft_model, init_logvar=-6.0, include_params=factors)
 
     bayesian = sum(m.numel() for m in bm.means.values())
     frozen = sum(p.numel() for p in bm.base.parameters()) - bayesian
     print(
         f"GPT-2 with LoRA: {bayesian:,} Bayesian parameters in {len(bm.means)} LoRA factors, "
-        f"{frozen:,} frozen (fastbnf backend: {fastbnf.backend('cpu')})"
+        f"{frozen:,} others (fastbnf backend: {fastbnf.backend('cpu')})"
     )
 
     losses = train(bm, steps, vocab, length, optim=optim)
@@ -290,6 +298,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--samples", type=int, default=16, help="posterior samples")
     parser.add_argument("--optim", action="store_true", help="train with VariationalAdam")
+    parser.add_argument("--blob", action="store_true", help="BLoB: the posterior on A only")
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +308,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     path = args.out / "bayesian_lora.png"
-    run(path, steps=args.steps, samples=args.samples, optim=args.optim)
+    factors = BLOB if args.blob else LORA
+    run(path, steps=args.steps, samples=args.samples, optim=args.optim, factors=factors)
     print(f"\nplot written to {path}")
 
 

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+# The sources: installed with the package (setup.py copies them there), else the checkout's.
+_INSTALLED = Path(__file__).resolve().parent / "_csrc"
+CSRC = _INSTALLED if _INSTALLED.is_dir() else ROOT / "csrc"
 
 # Why these flags:
 # - OpenMP: with torch's OpenMP backend, at::parallel_for is inline header code that runs on one
@@ -35,6 +37,7 @@ def _cuda_module():
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.CSRC = CSRC
     return module
 
 

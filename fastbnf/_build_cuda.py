@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
+# The checkout's sources; fastbnf._build sets the installed package's where they are.
 CSRC = ROOT / "csrc"
 
 #: Used when ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible: A100 and H100, with PTX

@@ -25,7 +25,7 @@ except ImportError:
         allow_module_level=True,
     )
 
-from examples.bayesian_lora import LORA, counting, lora_gpt2, posterior_mean, run
+from examples.bayesian_lora import BLOB, LORA, counting, lora_gpt2, posterior_mean, run
 from zuko_noise import zuko_draws
 
 VOCAB, LENGTH = 64, 12
@@ -142,6 +142,43 @@ def test_training_moves_only_the_lora_posterior(backend, style):
     for name, param in bm.base.named_parameters():
         assert torch.equal(param, before[f"base.{name}"]), name
         assert not param.requires_grad, name
+
+
+@pytest.mark.parametrize("style", ["seed", "optim"])
+def test_blob_puts_the_posterior_on_a_and_trains_b_as_a_point(backend, style):
+    r"""BLoB's selection: the A factors Bayesian, the B factors plain trainable parameters, which
+    both loops train (the tutorial's optimizer over bm.parameters(); VariationalAdam's AdamW on
+    the non-Bayesian parameters)."""
+
+    bm = fastbnf.BayesianModel(tiny(), include_params=BLOB)
+    names = lora_names(bm.base)
+    a = [n for n in names if ".lora_A." in n]
+    b = [n for n in names if ".lora_B." in n]
+    assert len(a) == len(b) == 8
+    assert list(bm.means) == [n.replace(".", "-") for n in a]
+    assert all(bm.base.get_parameter(n).requires_grad for n in b)
+    b_before = {n: bm.base.get_parameter(n).detach().clone() for n in b}
+    means_before = {k: v.detach().clone() for k, v in bm.means.items()}
+    x = data()
+    loss_before = mean_loss(bm, x)
+
+    if style == "optim":
+        optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=1e-5)
+    else:
+        optimizer = torch.optim.Adam(bm.parameters(), lr=1e-2)
+    for _ in range(25):
+        if style == "optim":
+            loss_of(bm.base, x).backward()
+        else:
+            kl = bm.kl_divergence()
+            with bm.reparameterize() as model:
+                (loss_of(model, x) + 1e-5 * kl).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    assert mean_loss(bm, x) < loss_before - 1.0
+    assert all(not torch.equal(bm.base.get_parameter(n), b_before[n]) for n in b)
+    assert all(not torch.equal(bm.means[k], v) for k, v in means_before.items())
 
 
 def test_samples_differ_the_predictive_is_reproducible(backend):
