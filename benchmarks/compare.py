@@ -18,14 +18,13 @@ takes out the machine's drift between the two runs of a round.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 from pathlib import Path
 
 from .report import fmt_time
-from .runs import medians, run_once, spread
+from .runs import medians, record_arguments, run_once, spread
 
 
 def render(base: list[dict], this: list[dict], title: str, command: str) -> str:
@@ -77,13 +76,8 @@ def render(base: list[dict], this: list[dict], title: str, command: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record_arguments(__doc__.splitlines()[0], runs=5)
     parser.add_argument("--base", type=Path, required=True, help="the base checkout")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--name", required=True, help="file stem of the record")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--title", default=None)
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     pytest_args = [a for a in args.pytest_args if a != "--"]
 

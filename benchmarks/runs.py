@@ -109,14 +109,21 @@ def render(runs: list[dict], title: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+def record_arguments(description: str, runs: int) -> argparse.ArgumentParser:
+    r"""The command line of a record: ``--runs``, ``--name``, ``--out``, ``--title``, then the
+    pytest arguments after ``--`` (``pytest_args``)."""
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=runs)
     parser.add_argument("--name", required=True, help="file stem of the record")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--title", default=None)
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = record_arguments(__doc__.splitlines()[0], runs=5).parse_args(argv)
     pytest_args = [a for a in args.pytest_args if a != "--"]
 
     runs = [run_once(pytest_args) for _ in range(args.runs)]

@@ -61,6 +61,27 @@ def mean_loss(bm, x) -> float:
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item()
 
 
+def fit(bm, x: torch.Tensor, style: str, steps: int = 25):
+    r"""Trains on ``x`` with the tutorial's loop (``"seed"``) or VariationalAdam's (``"optim"``);
+    returns the optimizer."""
+
+    if style == "optim":
+        optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=1e-5)
+    else:
+        optimizer = torch.optim.Adam(bm.parameters(), lr=1e-2)
+
+    for _ in range(steps):
+        if style == "optim":  # a plain model's loop: the base holds the current sample
+            loss_of(bm.base, x).backward()
+        else:
+            kl = bm.kl_divergence()
+            with bm.reparameterize() as model:
+                (loss_of(model, x) + 1e-5 * kl).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
 def lora_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
@@ -111,20 +132,7 @@ def test_training_moves_only_the_lora_posterior(backend, style):
     before = {k: v.clone() for k, v in bm.state_dict().items()}
     loss_before = mean_loss(bm, x)
 
-    if style == "optim":
-        optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=1e-5)
-    else:
-        optimizer = torch.optim.Adam(bm.parameters(), lr=1e-2)
-
-    for _ in range(25):
-        if style == "optim":  # a plain model's loop: the base holds the current sample
-            loss_of(bm.base, x).backward()
-        else:
-            kl = bm.kl_divergence()
-            with bm.reparameterize() as model:
-                (loss_of(model, x) + 1e-5 * kl).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    optimizer = fit(bm, x, style)
 
     assert mean_loss(bm, x) < loss_before - 1.0, (loss_before, mean_loss(bm, x))
 
@@ -162,19 +170,7 @@ def test_blob_puts_the_posterior_on_a_and_trains_b_as_a_point(backend, style):
     x = data()
     loss_before = mean_loss(bm, x)
 
-    if style == "optim":
-        optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=1e-5)
-    else:
-        optimizer = torch.optim.Adam(bm.parameters(), lr=1e-2)
-    for _ in range(25):
-        if style == "optim":
-            loss_of(bm.base, x).backward()
-        else:
-            kl = bm.kl_divergence()
-            with bm.reparameterize() as model:
-                (loss_of(model, x) + 1e-5 * kl).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    fit(bm, x, style)
 
     assert mean_loss(bm, x) < loss_before - 1.0
     assert all(not torch.equal(bm.base.get_parameter(n), b_before[n]) for n in b)

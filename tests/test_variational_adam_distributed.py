@@ -32,8 +32,10 @@ def batches(rank: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def train(rank: int | None, fold_rank: bool) -> torch.Tensor:
-    r"""Trains the same model (same seed) on the rank's data; returns its posterior, flat."""
+def train(rank: int | None, fold_rank: bool, ddp: bool = False) -> torch.Tensor:
+    r"""Trains the same model (same seed) on the rank's data; returns its posterior, flat. With
+    ``ddp``, the base model is wrapped in DistributedDataParallel after the optimizer is created
+    (as trainers wrap it)."""
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
@@ -42,8 +44,9 @@ def train(rank: int | None, fold_rank: bool) -> torch.Tensor:
         net, init_logvar=-4.0, exclude_params=["2.bias"], fold_rank=fold_rank
     )
     optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3)
+    model = nn.parallel.DistributedDataParallel(bm.base) if ddp else bm.base
     for x, y in batches(rank):
-        (bm.base(x) - y).square().mean().backward()
+        (model(x) - y).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
     tensors = [*bm.means.values(), *bm.logvars.values(), net[2].bias]
@@ -76,30 +79,11 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path):
     assert not torch.allclose(folded[0], shared[0])
 
 
-def train_ddp(rank: int, fold_rank: bool) -> torch.Tensor:
-    r"""As :func:`train`, with the base model wrapped in DistributedDataParallel after the
-    optimizer is created (as trainers wrap it)."""
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
-    bm = fastbnf.BayesianModel(
-        net, init_logvar=-4.0, exclude_params=["2.bias"], fold_rank=fold_rank
-    )
-    optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3)
-    ddp = nn.parallel.DistributedDataParallel(bm.base)
-    for x, y in batches(rank):
-        (ddp(x) - y).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    tensors = [*bm.means.values(), *bm.logvars.values(), net[2].bias]
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
 def ranks_train_ddp(rank: int, init_file: str, out_dir: str) -> None:
     ranks.init(rank, init_file)
-    torch.save(train_ddp(rank, fold_rank=False), f"{out_dir}/ddp-rank{rank}.pt")
+    torch.save(train(rank, fold_rank=False, ddp=True), f"{out_dir}/ddp-rank{rank}.pt")
     try:
-        train_ddp(rank, fold_rank=True)
+        train(rank, fold_rank=True, ddp=True)
         message = ""
     except RuntimeError as error:
         message = str(error)
