@@ -21,6 +21,7 @@ from __future__ import annotations
 __all__ = ["Held", "Slots", "frozen_weights_in_state_dict", "slots_of", "swap_in", "swap_out"]
 
 import threading
+import torch
 import torch.nn as nn
 
 from collections.abc import Callable, Iterator, Sequence
@@ -123,7 +124,11 @@ class Slots:
         r"""Marks the slots active for a context, atomically; tells whether they were free
         (no context of this or another thread holds them)."""
 
-        if not self._claim.acquire(blocking=False):
+        # A compiled step cannot trace a lock, and runs in one thread: the flag alone.
+        if torch.compiler.is_compiling():
+            if self.active:
+                return False
+        elif not self._claim.acquire(blocking=False):
             return False
         self.active = True
         return True
@@ -132,7 +137,8 @@ class Slots:
         r"""Ends a context's :meth:`claim`."""
 
         self.active = False
-        self._claim.release()
+        if not torch.compiler.is_compiling():
+            self._claim.release()
 
     def original(self, module: nn.Module, attribute: str) -> Tensor:
         r"""Returns the frozen weight of a slot, whatever the slot holds now."""
