@@ -66,9 +66,10 @@ def graph_task_id() -> int:
 
 def apply_function(function: type[torch.autograd.Function], *args) -> Any:
     r"""``function.apply(*args)`` without its scan of every argument for functorch's dead
-    wrappers, about 1 µs a tensor: a millisecond per call for a group of 1,000 tensors. For
-    arguments that are never such wrappers (parameters, fastbnf's own tensors); under functorch
-    transforms the usual path runs."""
+    wrappers, whose cost grows with the count of tensors: a group of a thousand tensors pays it
+    on every call (``benchmarks/bench_step.py``, the ``tensors-*`` cases). For arguments that are
+    never such wrappers (parameters, fastbnf's own tensors); under functorch transforms the
+    usual path runs."""
 
     if _function_apply is None or _transforms_active is None or _transforms_active():
         return function.apply(*args)
@@ -129,8 +130,9 @@ def dispatch_has_kernel(op: str, key: str) -> bool:
 
 def set_forward_pre_hook(module: nn.Module, key: int, hook: Callable | None) -> None:
     r"""Puts ``hook`` among a module's forward pre-hooks under ``key`` (removes it for
-    :py:`None`): a dict write, where ``register_forward_pre_hook`` and its handle cost about
-    7 µs per module on every step. Keys of handles count up from 0: a negative key is free."""
+    :py:`None`): a dict write, where ``register_forward_pre_hook`` and its handle cost host time
+    per module on every step (``benchmarks/host_phases.py``). Keys of handles count up from 0:
+    a negative key is free."""
 
     if hook is None:
         module._forward_pre_hooks.pop(key, None)

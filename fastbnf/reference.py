@@ -13,8 +13,8 @@ page and its zeroing: as slow as the work itself at 25M parameters).
 
 The noise is drawn from a private :class:`torch.Generator` seeded by a key drawn from PyTorch's
 default CPU generator, so :func:`torch.manual_seed` and :func:`torch.random.fork_rng` reproduce
-samples, and the backward regenerates it from ``rng_state`` instead of keeping it. Its stream
-differs from the compiled kernels' Philox stream (see ``csrc/common/philox.h``).
+samples, and the backward regenerates it from ``rng_state`` instead of keeping it. Its random
+numbers differ from the compiled kernels' Philox ones (see ``csrc/common/philox.h``).
 """
 
 __all__ = [
