@@ -465,10 +465,15 @@ class VariationalAdam(torch.optim.Optimizer):
         rank holds its own sample. One all-reduce, once."""
 
         self._checked_ranks = True
-        if not self._posterior.fold_rank or not self._grads:
+        # The samples' gradients as they are (a trainer may have freed the flat buffers' views).
+        if not self._posterior.fold_rank:
             return
-        total = torch.stack([g.double().sum() for g in self._grads]).sum()
-        extremes = torch.stack([total, -total]).to(self._grads[0].device)
+        grads = [p.grad for pieces in self._pieces for p in pieces if p.grad is not None]
+        # Every rank joins the all-reduce, with or without gradients.
+        total = self._thetas[0].new_zeros((), dtype=torch.float64)
+        for grad in grads:
+            total += grad.double().sum()
+        extremes = torch.stack([total, -total])
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
         if extremes[0] == -extremes[1] and total != 0:
             raise RuntimeError(
