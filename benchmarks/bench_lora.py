@@ -6,9 +6,10 @@ parameters), rank-8 adapters on its attention and MLP projections (``c_attn``, `
 tokens. Forward, loss, backward and the optimizer's step, per contender (bench_train.py's
 names, group ``train/lora-gpt2/<device>``):
 
-- ``plain``: the LoRA model itself, Adam on its adapters: the yardstick;
+- ``plain``: the LoRA model itself, ``Adam(fused=True)`` on its adapters: the yardstick;
 - ``zuko``, ``<backend>``, ``<backend>-fused``: the adapters' posterior with
-  ``include_params=["**.lora_A", "**.lora_B"]``, Adam on the means and log-variances;
+  ``include_params=["**.lora_A", "**.lora_B"]``, ``Adam(fused=True)`` on the means and
+  log-variances;
 - ``<backend>-optim``: :class:`fastbnf.optim.VariationalAdam` and a plain model's loop.
 
 With ``--benchmark-disable`` the model shrinks to 2 blocks of width 32.
@@ -93,7 +94,7 @@ def test_lora_train(benchmark, quick, monkeypatch, device, contender):
     if contender.endswith("-optim"):
         optimizer = VariationalAdam(model, lr=1e-3, kl_weight=1e-6)
     else:
-        optimizer = torch.optim.Adam(trained, lr=1e-3)
+        optimizer = torch.optim.Adam(trained, lr=1e-3, fused=True)
 
     step = train_step(contender, model, optimizer, objective, done)
 
