@@ -48,6 +48,7 @@ def _check_logits(logits: Tensor) -> None:
 
 
 def _check_targets(logits: Tensor, targets: Tensor) -> None:
+    _check_logits(logits)
     if not isinstance(targets, Tensor) or targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"targets must be a tensor of class indices, got {targets!r:.80}.")
     if targets.shape != logits.shape[1:-1]:
@@ -81,6 +82,10 @@ def predictive_log_probs(logits: Tensor) -> Tensor:
     """
 
     _check_logits(logits)
+    return _log_probs(logits)
+
+
+def _log_probs(logits: Tensor) -> Tensor:
     return logits.log_softmax(dim=-1).logsumexp(dim=0) - math.log(logits.shape[0])
 
 
@@ -107,9 +112,8 @@ def nll(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the examples.
     """
 
-    _check_logits(logits)
     _check_targets(logits, targets)
-    log_probs = predictive_log_probs(logits)
+    log_probs = _log_probs(logits)
     return _reduce(-log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), reduction)
 
 
@@ -123,9 +127,8 @@ def brier(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the examples.
     """
 
-    _check_logits(logits)
     _check_targets(logits, targets)
-    probs = predictive_probs(logits)
+    probs = _log_probs(logits).exp()
     one_hot = torch.nn.functional.one_hot(targets.long(), probs.shape[-1]).to(probs.dtype)
     return _reduce((probs - one_hot).square().sum(-1), reduction)
 
@@ -147,12 +150,11 @@ def ece(logits: Tensor, targets: Tensor, bins: int = 15) -> Tensor:
         The error, a 0-dim tensor.
     """
 
-    _check_logits(logits)
     _check_targets(logits, targets)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}.")
 
-    confidence, predicted = predictive_probs(logits).flatten(0, -2).max(dim=-1)
+    confidence, predicted = _log_probs(logits).exp().flatten(0, -2).max(dim=-1)
     correct = (predicted == targets.flatten()).to(confidence.dtype)
     # Bin b holds the confidences in (b / bins, (b + 1) / bins], bin 0 also 0.
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1

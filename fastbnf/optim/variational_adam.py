@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from collections.abc import Callable, Mapping
 from numbers import Real
+from operator import attrgetter, is_
 from torch import Tensor
 from typing import Any
 
@@ -20,6 +21,9 @@ from ..model.slots import slots_of
 from .._compat import local_part
 from .adamw import adam_update
 from .step import variational_adam_step
+
+
+_GRAD = attrgetter("grad")
 
 
 def _check(value: Any, name: str, low: float = 0.0, high: float = math.inf) -> float:
@@ -432,31 +436,39 @@ class VariationalAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_sparse()
+        # Per group, whether every sample's .grad is still its view of the group's flat buffer
+        # (dense, and read as it is); compared in C (map over operator.is_): this runs every step.
+        attached = [
+            all(map(is_, map(_GRAD, pieces), views))
+            for pieces, views in zip(self._pieces, self._grad_views)
+        ]
+        self._check_sparse(attached)
         if not self._checked_ranks and _data_parallel():
             self._check_ranks()
 
         for param_group in self.param_groups:
             options = {k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay")}
             if param_group["posterior"]:
-                self._posterior_step(param_group["kl_weight"], samples, **options)
+                self._posterior_step(param_group["kl_weight"], samples, attached, **options)
             else:
                 self._plain_step(param_group["params"], others, **options)
         return loss
 
-    def _check_sparse(self) -> None:
+    def _check_sparse(self, attached: list[bool]) -> None:
         r"""Refuses sparse gradients before anything is updated, as :class:`torch.optim.Adam`
-        does."""
+        does: those of the non-Bayesian parameters, and the samples' where a group's are not
+        the views of its flat buffer (which are dense)."""
 
-        for param_group in self.param_groups:
-            for p in param_group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        "VariationalAdam does not support sparse gradients (a parameter of "
-                        f"shape {tuple(p.shape)}, from nn.Embedding(sparse=True), say); "
-                        "nothing was updated. Use dense gradients, or torch.optim.SparseAdam "
-                        "for those parameters."
-                    )
+        loose = [p for pieces, a in zip(self._pieces, attached) if not a for p in pieces]
+        others = [p for g in self.param_groups if not g["posterior"] for p in g["params"]]
+        for p in (*loose, *others):
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    "VariationalAdam does not support sparse gradients (a parameter of "
+                    f"shape {tuple(p.shape)}, from nn.Embedding(sparse=True), say); "
+                    "nothing was updated. Use dense gradients, or torch.optim.SparseAdam "
+                    "for those parameters."
+                )
 
     def _check_ranks(self) -> None:
         r"""On the first step under data parallelism with ``fold_rank``: refuses gradients of
@@ -485,12 +497,12 @@ class VariationalAdam(torch.optim.Optimizer):
                 "the ranks itself."
             )
 
-    def _posterior_step(self, kl_weight, samples, lr, betas, eps, weight_decay) -> None:
+    def _posterior_step(self, kl_weight, samples, attached, lr, betas, eps, weight_decay) -> None:
         groups = self._posterior.groups()
         salt = self._posterior.salt()
         for i, (group, prior, pieces) in enumerate(zip(groups, self._priors, self._pieces)):
             shards = samples[i]
-            if all(p.grad is v for p, v in zip(pieces, self._grad_views[i])):
+            if attached[i]:
                 grad_theta, views = self._grads[i], self._grad_views[i]
             else:  # gradients set or freed by hand (bm.zero_grad(), say): gathered once
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pieces]
