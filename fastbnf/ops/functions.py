@@ -18,7 +18,6 @@ import functools
 import torch
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from operator import attrgetter
 from torch import Tensor
 
@@ -47,23 +46,15 @@ def _version_sum(tensors: Sequence[Tensor]) -> int:
     return sum(map(_VERSION, tensors))
 
 
-def _profiled(name: str):
-    r"""A :mod:`torch.profiler` range named ``name`` while a profiler runs, else nothing:
-    entering a ``record_function`` costs host time even with no profiler, on every op call of
-    every step (``benchmarks/host_phases.py`` shows it)."""
-
-    if _compat.profiler_enabled():
-        return torch.profiler.record_function(name)
-    return nullcontext()
-
-
 def _call(name: str, device: torch.device | None, *args):
-    r""":func:`fastbnf.ops.dispatch.run`, inside a profiler range of the op's name in eager
-    mode (a compiled graph shows its ops by themselves)."""
+    r""":func:`fastbnf.ops.dispatch.run`, inside a :mod:`torch.profiler` range of the op's name
+    while a profiler runs in eager mode (a compiled graph shows its ops by themselves). Without
+    a profiler no range is entered: a ``record_function`` costs host time even then, on every
+    op call of every step (``benchmarks/host_phases.py`` shows it)."""
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _compat.profiler_enabled():
         return run(name, device, *args)
-    with _profiled(f"fastbnf::{name}"):
+    with torch.profiler.record_function(f"fastbnf::{name}"):
         return run(name, device, *args)
 
 
