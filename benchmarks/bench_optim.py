@@ -11,6 +11,17 @@ Group ``optim-step/<size>/<device>``: a model of 8 float32 tensors (8M parameter
   bytes per parameter: the sample's gradient, the means, log-variances and their four moments
   read and written, the next sample written): its floor is twice fused Adam's;
 - ``variational-adam-torch``: the same on the pure-PyTorch backend.
+
+and the parts of the fused step, on the same posterior with the compiled kernels, to weigh what
+it spends where (none of them is a step):
+
+- ``part-sample``: ``fastbnf.ops.sample`` without gradients, one normal stream, a softclip and an
+  exp per element (12 bytes per parameter);
+- ``part-variance``: ``fastbnf.ops.variance``, the softclip and exp alone (8 bytes);
+- ``part-copy``: a copy of the sample (8 bytes), the memory's own rate.
+
+The step draws two normal streams (the current sample's noise, regenerated from its key, and the
+next sample's): ``part-sample`` less ``part-variance`` is the price of one.
 """
 
 import pytest
@@ -24,7 +35,15 @@ from fastbnf.optim import VariationalAdam
 
 from ._harness import devices, info, run, sync
 
-CONTENDERS = ["adam-fused", "adam", "variational-adam", "variational-adam-torch"]
+CONTENDERS = [
+    "adam-fused",
+    "adam",
+    "variational-adam",
+    "variational-adam-torch",
+    "part-sample",
+    "part-variance",
+    "part-copy",
+]
 TENSORS = 8
 
 
@@ -41,7 +60,13 @@ def test_optimizer_step(benchmark, quick, monkeypatch, device, contender):
     base = base.to(device)
     numel = sum(p.numel() for p in base)
 
-    if contender.startswith("variational-adam"):
+    if contender.startswith("part-"):
+        if not has_kernel(device):
+            pytest.skip("fastbnf kernel not built")
+        monkeypatch.setenv("FASTBNF_BACKEND", "cpp" if device == "cpu" else "cuda")
+        step, bytes_moved = step_part(contender, list(base))
+        bytes_moved *= numel
+    elif contender.startswith("variational-adam"):
         compiled = "cpp" if device == "cpu" else "cuda"
         backend = "torch" if contender.endswith("torch") else compiled
         if backend != "torch" and not has_kernel(device):
@@ -55,13 +80,15 @@ def test_optimizer_step(benchmark, quick, monkeypatch, device, contender):
         optimizer = torch.optim.Adam(base.parameters(), lr=1e-4, fused=fused or None)
         bytes_moved = 28 * numel
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = torch.randn_like(p) * 1e-2
+    if not contender.startswith("part-"):
+        step = optimizer.step
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn_like(p) * 1e-2
     done = sync(device)
 
     def fn():
-        optimizer.step()
+        step()
         done()
 
     benchmark.group = f"optim-step/{'8M' if not quick else '80k'}/{device}"
@@ -76,3 +103,22 @@ def test_optimizer_step(benchmark, quick, monkeypatch, device, contender):
         bytes_moved=bytes_moved,
     )
     run(benchmark, fn, quick)
+
+
+def step_part(contender: str, means: list[torch.Tensor]) -> tuple:
+    r"""The part of the fused step that ``contender`` names, on the posterior of ``means`` at
+    log-variance -9, and the bytes it moves per parameter."""
+
+    logvars = [torch.full_like(m, -9.0) for m in means]
+    if contender == "part-sample":
+
+        def draw():
+            with torch.no_grad():
+                fastbnf.ops.sample(means, logvars)
+
+        return draw, 12
+    if contender == "part-variance":
+        return lambda: fastbnf.ops.variance(logvars), 8
+    flat = torch.cat([m.reshape(-1) for m in means])
+    out = torch.empty_like(flat)
+    return lambda: out.copy_(flat), 8
