@@ -1,0 +1,153 @@
+r"""Bytes of training state per rank under FSDP2 (``fully_shard``), at world sizes 1, 2 and 4.
+
+Counts, on every rank of a gloo world on the CPU, the bytes of the tensors that training keeps
+between steps, after one step of a Bayesian MLP (4 layers of 512, every parameter Bayesian):
+
+- ``tutorial``: zuko's loop with ``fully_shard(bm)`` (as ``examples/fsdp_train.py``) and
+  ``torch.optim.Adam`` on the model's parameters: the posterior, its moments and the frozen
+  weights are DTensors, 1 / W per rank;
+- ``variational-adam``: :class:`fastbnf.optim.VariationalAdam` with ``fully_shard(bm.base)``, the
+  way it shards: the base's samples are DTensors, but the posterior, its moments, the flat
+  sample and its gradient stay whole on every rank.
+
+Byte counts, not timings: one run says all. Writes ``benchmarks/results/<name>.{md,json}``::
+
+    python -m benchmarks.fsdp_state --name cpu-2core-2026-12-03-fsdp-state
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from pathlib import Path
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import fastbnf
+
+WIDTH, DEPTH = 512, 4
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def local_bytes(tensors) -> int:
+    r"""The bytes that this rank stores of ``tensors``: a DTensor's local shard, once each."""
+
+    seen, total = set(), 0
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)]
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, bm=None) -> None:
+    x = torch.randn(8, WIDTH)
+    if bm is None:
+        loss = model(x).square().mean()
+    else:
+        with bm.reparameterize() as sampled:
+            loss = sampled(x).square().mean() + 1e-3 * bm.kl_divergence()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def measure(mode: str, world: int) -> dict:
+    mesh = init_device_mesh("cpu", (world,))
+    # VariationalAdam under FSDP needs the same sample on every rank (fold_rank=False).
+    bm = fastbnf.BayesianModel(mlp(), init_logvar=-9.0, fold_rank=mode == "tutorial")
+    if mode == "tutorial":
+        fully_shard(bm, mesh=mesh)  # as examples/fsdp_train.py
+        optimizer = torch.optim.Adam(bm.parameters(), lr=1e-3)
+        step(bm.base, optimizer, bm)
+        moments = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
+        parts = {
+            "posterior": local_bytes([*bm.means.values(), *bm.logvars.values()]),
+            "moments": local_bytes(moments),
+            "flat sample and gradient": 0,  # drawn in each step's graph, freed after its backward
+            "base model": local_bytes(bm.base.parameters()),  # the frozen weights
+        }
+    else:
+        optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-3)
+        for layer in bm.base:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(bm.base, mesh=mesh)
+        step(bm.base, optimizer)
+        # The optimizer's flat buffers (internal): the sample, its gradient, the two moments.
+        parts = {
+            "posterior": local_bytes([*bm.means.values(), *bm.logvars.values()]),
+            "moments": local_bytes([*optimizer._exp_avgs, *optimizer._exp_avg_sqs]),
+            "flat sample and gradient": local_bytes([*optimizer._thetas, *optimizer._grads]),
+            "base model": local_bytes(bm.base.parameters()),  # the samples' shards
+        }
+    return parts
+
+
+def rank_main(rank: int, world: int, init_file: str, out: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rows = {mode: measure(mode, world) for mode in ("tutorial", "variational-adam")}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def run_world(world: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        mp.spawn(rank_main, args=(world, os.path.join(tmp, "init"), out), nprocs=world)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args()
+    worlds = {w: run_world(w) for w in (1, 2, 4)}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(worlds, indent=1))
+    mib = 2.0**20
+    lines = [
+        f"# {args.name}: training state per rank under FSDP2",
+        "",
+        f"- Command: `python -m benchmarks.fsdp_state --name {args.name}`.",
+        f"- Model: MLP of {DEPTH} layers of {WIDTH}, every parameter Bayesian, float32; one step,"
+        " gloo ranks on the CPU. Bytes of rank 0 (the largest shard), MiB.",
+        "",
+        "| mode | W | posterior | moments | flat sample and gradient | base model | total |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in ("tutorial", "variational-adam"):
+        for w, ranks in worlds.items():
+            parts = ranks[0][mode]
+            cells = " | ".join(f"{v / mib:.2f}" for v in parts.values())
+            lines.append(f"| {mode} | {w} | {cells} | {sum(parts.values()) / mib:.2f} |")
+    lines += [
+        "",
+        "The base model's column holds the frozen weights in the tutorial loop and the samples'"
+        " shards that FSDP gathers under `VariationalAdam`. The tutorial loop stores 1 / W of"
+        " everything; `VariationalAdam` stores 1 / W of the base model only: its posterior,"
+        " moments, flat sample and gradient stay whole on every rank.",
+    ]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
