@@ -98,7 +98,6 @@ def measure(mode: str, world: int) -> dict:
 
 
 def rank_main(rank: int, world: int, init_file: str, out: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     rows = {mode: measure(mode, world) for mode in ("tutorial", "variational-adam")}
