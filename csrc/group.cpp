@@ -49,7 +49,7 @@ bool is_posterior_dtype(at::ScalarType dtype) {
 }
 
 Group make_group(const char* op, std::optional<at::TensorList> means, at::TensorList logvars,
-                 const PriorArgs* prior) {
+                 const PriorArgs* prior, std::optional<at::IntArrayRef> noise_offsets) {
   const size_t count = logvars.size();
   if (means) {
     FASTBNF_CHECK_VALUE(means->size() == count, op, ": means has ", means->size(),
@@ -82,6 +82,15 @@ Group make_group(const char* op, std::optional<at::TensorList> means, at::Tensor
     group.has_prior_means = prior->means.has_value();
   }
 
+  if (noise_offsets) {
+    FASTBNF_CHECK_VALUE(noise_offsets->size() == count, op, ": noise_offsets has ",
+                        noise_offsets->size(), " entries for ", count, " tensors");
+    for (size_t t = 0; t < count; ++t) {
+      FASTBNF_CHECK_VALUE((*noise_offsets)[t] >= 0, op, ": noise_offsets[", t,
+                          "] must be >= 0, got ", (*noise_offsets)[t]);
+    }
+  }
+
   group.entries.reserve(count);
   int64_t offset = 0;
   for (size_t t = 0; t < count; ++t) {
@@ -100,9 +109,13 @@ Group make_group(const char* op, std::optional<at::TensorList> means, at::Tensor
     entry.inv_prior_var = constants.inv_var;
     entry.log_prior_var_m1 = constants.log_var_m1;
     entry.begin = offset;
+    entry.noise_begin = noise_offsets ? (*noise_offsets)[t] : offset;
     entry.numel = reference.numel();
     offset += entry.numel;
-    if (entry.numel > 0) group.entries.push_back(entry);
+    if (entry.numel > 0) {
+      group.noise_is_flat = group.noise_is_flat && entry.noise_begin == entry.begin;
+      group.entries.push_back(entry);
+    }
   }
   group.numel = offset;
   return group;

@@ -40,6 +40,7 @@ struct Group {
   int64_t numel = 0;        // N, empty tensors included (they hold nothing)
   int64_t num_tensors = 0;  // T, empty tensors included
   bool has_prior_means = false;
+  bool noise_is_flat = true;         // every entry's noise_begin is its begin (no noise_offsets)
   std::vector<TensorEntry> entries;  // the non-empty tensors, in group order
   std::vector<at::Tensor> copies;    // the converted or contiguous copies the entries read
 };
@@ -52,9 +53,12 @@ bool is_posterior_dtype(at::ScalarType dtype);
 bool is_sample_dtype(at::ScalarType dtype, const Group& group);
 
 // Checks a group and builds its table. op is the public op's name ("fastbnf::sample"); means
-// is absent for the ops that read none (variance), prior for those that use no prior.
+// is absent for the ops that read none (variance), prior for those that use no prior;
+// noise_offsets, one per tensor (>= 0), place the tensors in the noise stream (adam_step's
+// shards), by default at their flat offsets in the group.
 Group make_group(const char* op, std::optional<at::TensorList> means, at::TensorList logvars,
-                 const PriorArgs* prior);
+                 const PriorArgs* prior,
+                 std::optional<at::IntArrayRef> noise_offsets = std::nullopt);
 
 // The number of samples, n or 1.
 int64_t check_samples(const char* op, std::optional<int64_t> n);

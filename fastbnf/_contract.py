@@ -62,6 +62,9 @@ class Group:
     logvars: list[Tensor]
     prior_means: list[Tensor] | None
     numel: int
+    # Per tensor, the index of its first element in the noise stream: its offset in the group,
+    # or the op's noise_offsets (a shard's place in the whole group).
+    noise_begins: list[int] | None = None
 
 
 def _check_prior_var(op: str, what: str, value: float) -> None:
@@ -88,6 +91,7 @@ def make_group(
     means: Sequence[Tensor] | None,
     logvars: Sequence[Tensor],
     prior: tuple[float, Sequence[float] | None, Sequence[Tensor] | None] | None = None,
+    noise_offsets: Sequence[int] | None = None,
 ) -> Group:
     r"""Checks a group and returns it in its dtype, contiguous.
 
@@ -97,6 +101,8 @@ def make_group(
         logvars: The log-variances.
         prior: ``(prior_var, prior_vars, prior_means)``, or :py:`None` for the ops that use no
             prior.
+        noise_offsets: Per tensor, the index of its first element in the noise stream
+            (``adam_step``'s shards), by default its offset in the group.
     """
 
     count = len(logvars)
@@ -127,7 +133,16 @@ def make_group(
                 f"{op}: prior_means has {len(prior_means)} entries for {count} tensors"
             )
 
-    checked_means, checked_priors = [], []
+    if noise_offsets is not None:
+        if len(noise_offsets) != count:
+            raise ValueError(
+                f"{op}: noise_offsets has {len(noise_offsets)} entries for {count} tensors"
+            )
+        for t, value in enumerate(noise_offsets):
+            if value < 0:
+                raise ValueError(f"{op}: noise_offsets[{t}] must be >= 0, got {value}")
+
+    checked_means, checked_priors, begins = [], [], []
     for t in range(count):
         shape = (means if means is not None else logvars)[t].shape
         if means is not None:
@@ -137,8 +152,10 @@ def make_group(
             checked_priors.append(
                 _readable(op, "prior_means", prior_means[t], first_list, t, shape, group)
             )
+        begins.append(group.numel)
         group.numel += group.logvars[-1].numel()
 
+    group.noise_begins = begins if noise_offsets is None else list(noise_offsets)
     group.means = checked_means if means is not None else None
     group.prior_means = checked_priors if prior_means is not None else None
     return group

@@ -11,10 +11,13 @@ PyTorch ops per chunk, not one loop over the tensors, and temporaries of a few M
 allocator reuses, where group-sized ones would be fresh mappings on every call (a page fault per
 page and its zeroing: as slow as the work itself at 25M parameters).
 
-The noise is drawn from a private :class:`torch.Generator` seeded by a key drawn from PyTorch's
-default CPU generator, so :func:`torch.manual_seed` and :func:`torch.random.fork_rng` reproduce
-samples, and the backward regenerates it from ``rng_state`` instead of keeping it. Its random
-numbers differ from the compiled kernels' Philox ones (see ``csrc/common/philox.h``).
+The noise is a stream indexed by flat position, as the kernels' is: blocks of 16K normals, each
+from a private :class:`torch.Generator` seeded with a key drawn from PyTorch's default CPU
+generator and the block's index (:class:`_Stream`). So :func:`torch.manual_seed` and
+:func:`torch.random.fork_rng` reproduce samples, the backward regenerates the noise from
+``rng_state`` instead of keeping it, and a shard of a group draws its slice of the whole group's
+noise (``adam_step``'s ``noise_offsets``). Its random numbers differ from the compiled kernels'
+Philox ones (see ``csrc/common/philox.h``).
 """
 
 __all__ = [
@@ -144,18 +147,97 @@ def _key(salt: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _generator(rng_state: Tensor, device) -> torch.Generator:
-    r"""The private generator of the noise; each chunk draws from it in turn, forward and
-    backward alike."""
-
-    seed, _ = rng_state.tolist()
-    return torch.Generator(device).manual_seed(seed & _MASK64)
+# Elements per block of the noise stream: the unit its generator is seeded for.
+_NOISE_BLOCK = 1 << 14
 
 
-def _noise(generator: torch.Generator, shape, dtype: torch.dtype, device) -> Tensor:
-    r"""The noise of a chunk (the tests replace it with the kernels' to compare the maths)."""
+def _mix(*words: int) -> int:
+    r"""A 64-bit hash of integers (splitmix64's finalizer, chained): the seed of a block."""
 
-    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    z = 0
+    for word in words:
+        z = (z ^ (word & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        z ^= z >> 31
+    return z
+
+
+class _Stream:
+    r"""The noise of a key by flat index: element ``j`` (``j = k N + i`` for element ``i`` of
+    sample ``k`` of a group of ``N`` elements) is element ``j mod B`` of block ``j // B``, a
+    ``randn(B)`` from a private :class:`torch.Generator` seeded with the key and the block.
+
+    Any part of the stream is drawn without the rest: the twin of the kernels' counter map, so
+    that a rank stepping its shards of a group (``noise_offsets``) draws its slice of the whole
+    group's noise, and the noise does not depend on how a group is cut into chunks.
+    """
+
+    def __init__(self, rng_state: Tensor, numel: int, device: torch.device) -> None:
+        self.seed, self.offset = (x & _MASK64 for x in rng_state.tolist())
+        self.numel = numel
+        self.generator = torch.Generator(device)
+        # The block last drawn for a part of it, reused: fresh pages cost as much as the draw.
+        self.scratch: Tensor | None = None
+        self.drawn: int | None = None
+
+    def _draw(self, b: int, out: Tensor) -> None:
+        self.generator.manual_seed(_mix(self.seed, self.offset, b))
+        torch.randn(_NOISE_BLOCK, generator=self.generator, out=out)
+
+    def fill(self, out: Tensor, start: int) -> None:
+        r"""Writes the stream's elements ``start .. start + n - 1`` into ``out``, a contiguous
+        1-d tensor of ``n`` elements: whole blocks in place, parts of blocks from a copy."""
+
+        done, count = 0, out.numel()
+        while done < count:
+            b, e = divmod(start + done, _NOISE_BLOCK)
+            take = min(count - done, _NOISE_BLOCK - e)
+            if take == _NOISE_BLOCK:
+                self._draw(b, out[done : done + take])
+            else:
+                if self.scratch is None or self.scratch.dtype != out.dtype:
+                    self.scratch = out.new_empty(_NOISE_BLOCK)
+                    self.drawn = None
+                if self.drawn != b:
+                    self._draw(b, self.scratch)
+                    self.drawn = b
+                out[done : done + take].copy_(self.scratch[e : e + take])
+            done += take
+
+
+def _noise(
+    stream: _Stream, ranges: list[tuple[int, int]], shape, dtype: torch.dtype, device
+) -> Tensor:
+    r"""The noise of a chunk, ``shape`` ``(..., M)``: of sample ``k`` (the rows of a 2-d
+    shape), the stream's elements ``k N + start .. k N + start + count - 1`` for every
+    ``(start, count)`` of ``ranges`` in turn, ``M`` in all (the tests replace it with the
+    kernels' noise to compare the maths)."""
+
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if ranges == [(0, stream.numel)]:  # the whole group: its samples follow each other
+        stream.fill(out.view(-1), 0)
+        return out
+    rows = out.view(-1, shape[-1])
+    for k in range(rows.shape[0]):
+        position = 0
+        for start, count in ranges:
+            stream.fill(rows[k, position : position + count], k * stream.numel + start)
+            position += count
+    return out
+
+
+def _ranges(group: Group, tensors: slice) -> list[tuple[int, int]]:
+    r"""Where the tensors of a chunk sit in the noise stream, as ``(start, count)`` runs (one
+    for a chunk whose tensors follow each other there, as they do but for shards)."""
+
+    ranges: list[tuple[int, int]] = []
+    for begin, x in zip(group.noise_begins[tensors], group.logvars[tensors]):
+        count = x.numel()
+        if ranges and ranges[-1][0] + ranges[-1][1] == begin:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + count)
+        elif count > 0:
+            ranges.append((begin, count))
+    return ranges
 
 
 def _kl_sum(mu: Tensor, lc: Tensor, prior: _ChunkPrior) -> Tensor:
@@ -190,18 +272,31 @@ def sample(
     group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
     samples = check_samples(op, n)
     theta_dtype = check_out_dtype(op, out_dtype, group)
-    dtype, device = compute_dtype(group.dtype), group.device
     shape = (group.numel,) if n is None else (samples, group.numel)
+    return _draw(group, shape, theta_dtype, with_kl, prior_var, prior_vars, salt)
 
+
+def _draw(
+    group: Group,
+    shape: tuple[int, ...],
+    theta_dtype: torch.dtype,
+    with_kl: bool,
+    prior_var: float,
+    prior_vars: Sequence[float] | None,
+    salt: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r""":func:`sample` of a checked group, its noise where the group places it."""
+
+    dtype, device = compute_dtype(group.dtype), group.device
     rng_state = torch.tensor([_key(salt), 0], dtype=torch.int64, device=device)
-    generator = _generator(rng_state, device)
+    stream = _Stream(rng_state, group.numel, device)
     theta = torch.empty(shape, dtype=theta_dtype, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
 
     for tensors, elements in _chunks(group.logvars):
         mu = _flat(group.means[tensors], dtype)
         lc = softclip(_flat(group.logvars[tensors], dtype))
-        eps = _noise(generator, (*shape[:-1], mu.numel()), dtype, device)
+        eps = _noise(stream, _ranges(group, tensors), (*shape[:-1], mu.numel()), dtype, device)
         theta[..., elements] = eps.mul_(lc.mul(0.5).exp_()).add_(mu)
         if with_kl:
             prior = _ChunkPrior(group, tensors, prior_var, prior_vars, dtype)
@@ -260,7 +355,7 @@ def _backward(
     if grad_kl is not None:
         check_grad_kl(op, grad_kl, group)
         grad_kl = grad_kl.reshape(()).to(dtype)
-    generator = None if grad_theta is None else _generator(rng_state, device)
+    stream = None if grad_theta is None else _Stream(rng_state, group.numel, device)
     grad_mu = torch.empty(group.numel, dtype=group.dtype, device=device)
     grad_logvar = torch.empty_like(grad_mu)
 
@@ -272,7 +367,7 @@ def _backward(
         g_sum = part = None
         if grad_theta is not None:
             g = grad_theta[..., elements]
-            eps = _noise(generator, g.shape, dtype, device)
+            eps = _noise(stream, _ranges(group, tensors), g.shape, dtype, device)
             g_sum, ge_sum = _sums(g, eps)
             part = lc.mul(0.5).exp_().mul_(0.5).mul_(ge_sum)
 
@@ -358,10 +453,12 @@ def adam_step(
     prior_vars: Sequence[float] | None = None,
     prior_means: Sequence[Tensor] | None = None,
     salt: int = 0,
+    noise_offsets: Sequence[int] | None = None,
 ) -> Tensor:
     r"""Takes one variational Adam step of a group in place and draws its next sample into
     ``theta``: :func:`sample_backward`'s gradients with ``grad_kl = kl_weight``, then
-    :func:`adam_posterior_update`, then :func:`sample`.
+    :func:`adam_posterior_update`, then :func:`sample`, the noise of both where
+    ``noise_offsets`` place the tensors.
 
     See :mod:`fastbnf.ops.library` for the contract.
 
@@ -370,7 +467,8 @@ def adam_step(
     """
 
     op = "fastbnf::adam_step"
-    group = make_group(op, means, logvars, (prior_var, prior_vars, prior_means))
+    prior = (prior_var, prior_vars, prior_means)
+    group = make_group(op, means, logvars, prior, noise_offsets)
     grad = check_adam_step(
         op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step
     )
@@ -386,7 +484,10 @@ def adam_step(
         means, logvars, grad_mu, grad_logvar, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2,
         eps, weight_decay,
     )  # fmt: skip
-    options = (None, theta.dtype, False, prior_var, prior_vars, prior_means, salt)
-    sample_theta, _, next_state = sample(means, logvars, *options)
+    # The updated posterior, read where the step wrote it (the group's tensors are the
+    # caller's: check_adam_step requires them contiguous and of the group's dtype).
+    sample_theta, _, next_state = _draw(
+        group, (group.numel,), theta.dtype, False, prior_var, prior_vars, salt
+    )
     theta.copy_(sample_theta)
     return next_state

@@ -6,7 +6,8 @@ inputs are tested for every device in tests/test_kernels.py. Here: what only the
 scalar paths on many small odd-sized tensors (against float64 formulas from the NumPy twin); a
 KL that does not depend on the grid; the device-table cache across streams and under CUDA
 graph capture (a training step captured without a warm-up, then eager calls); the domain
-separation of fastbnf's Philox key from torch.randn's; a group of more than 2^31 elements.
+separation of fastbnf's Philox key from torch.randn's; a group of more than 2^31 elements; the
+Adam step of row shards at their noise offsets (the vector and scalar paths at any shift).
 
 Everything here needs a GPU and the CUDA kernels, and skips cleanly without them.
 """
@@ -327,6 +328,95 @@ def test_cuda_graph_capture_without_warm_up():
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
 
     eager_step_checked()  # and after the replays
+
+
+# --------------------------------------------------------------------------------------------
+# The Adam step of shards: noise_offsets
+
+
+def _rows(tensor, rank, world):
+    r"""Rank ``rank``'s rows of ``tensor`` as FSDP's Shard(0) cuts them (torch.chunk on dim 0),
+    empty past the last chunk."""
+
+    chunks = tensor.chunk(world)
+    return chunks[rank] if rank < len(chunks) else tensor[:0]
+
+
+# Shards of every kind at W = 2, 3, 4: vector-readable ones whose noise starts mid Philox block
+# (6 x 6 and 512 x 8 at W = 2, 2000 x 4 across a tile at W = 2 and 4), scalar ones at any shift,
+# quads that straddle shards of different shifts, and empty ones (1 x 6, and the first two
+# tensors at W = 4).
+_SHARDED = [(6, 6), (3, 3), (2000, 4), (7,), (3000, 5), (1, 6), (512, 8)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_adam_step_of_row_shards_is_the_rows_of_the_whole_step(dtype, world):
+    r"""Each rank steps its rows of every tensor at their places in the whole group's noise
+    (noise_offsets): two steps give, bit for bit, the rows of two steps of the whole group
+    with the same keys (the means, log-variances, moments and next sample), and the same next
+    rng_state, the generator's offset advanced alike."""
+
+    means, logvars = make_group(dtype, shapes=_SHARDED, seed=3, lv_range=(-5.0, 0.0))
+    generator = torch.Generator().manual_seed(4)
+    prior_means = [0.1 * torch.randn(m.shape, generator=generator).to(m) for m in means]
+    prior_vars = [0.5 + t for t in range(len(means))]
+    begins = np.cumsum([0] + [m.numel() for m in means])[:-1].tolist()
+    n = sum(m.numel() for m in means)
+    grads = [torch.randn(n, generator=generator).to("cuda", dtype) for _ in range(2)]
+    moments = (
+        torch.randn(2 * n, generator=generator).to("cuda", dtype),
+        torch.rand(2 * n, generator=generator).to("cuda", dtype),
+    )
+    torch.cuda.manual_seed(6)
+    theta, _, first = K.sample_kernel(
+        means, logvars, None, None, False, 1.0, prior_vars, prior_means, 0
+    )
+
+    def steps(mu, lv, exp_avgs, exp_avg_sqs, theta, grads, priors, offsets):
+        state, states = first, []
+        for step, grad in enumerate(grads, 3):
+            torch.cuda.manual_seed(10 + step)  # the next key
+            state = K.adam_step_kernel(
+                grad, mu, lv, exp_avgs, exp_avg_sqs, theta, state, step, 1e-2, 0.9, 0.99, 1e-8,
+                0.05, 0.3, 1.0, prior_vars, priors, 0, offsets,
+            )  # fmt: skip
+            states.append((state, torch.cuda.get_rng_state()))
+        return states
+
+    whole = [t.clone() for t in (*means, *logvars, *moments, theta)]
+    count = len(means)
+    states = steps(*_split(whole, count), grads, prior_means, None)
+
+    for rank in range(world):
+        mine = [_rows(t, rank, world) for t in (*means, *logvars)]
+        offsets = [b + m.storage_offset() for b, m in zip(begins, mine[:count])]
+
+        def local(flat):
+            # The rank's rows of each tensor's piece of a flat array of the group, flat.
+            pieces = [flat[b : b + m.numel()].view_as(m) for b, m in zip(begins, means)]
+            return torch.cat([_rows(p, rank, world).reshape(-1) for p in pieces])
+
+        ours = [t.clone() for t in mine]
+        ours += [torch.cat([local(m[:n]), local(m[n:])]) for m in moments]
+        ours.append(local(theta))
+        priors = [_rows(m, rank, world).clone() for m in prior_means]
+        got = steps(*_split(ours, count), [local(g) for g in grads], priors, offsets)
+
+        for (state, rng), (expected_state, expected_rng) in zip(got, states):
+            assert torch.equal(state, expected_state)
+            assert torch.equal(rng, expected_rng)
+        for t in range(2 * count):
+            assert torch.equal(ours[t], _rows(whole[t], rank, world)), (rank, t)
+        for t, flat in enumerate(whole[2 * count : 2 * count + 2]):
+            assert torch.equal(ours[2 * count + t], torch.cat([local(flat[:n]), local(flat[n:])]))
+        assert torch.equal(ours[-1], local(whole[-1]))
+
+
+def _split(tensors, count):
+    r"""``[*means, *logvars, exp_avgs, exp_avg_sqs, theta]`` as adam_step_kernel's arguments."""
+
+    return tensors[:count], tensors[count : 2 * count], *tensors[2 * count :]
 
 
 # --------------------------------------------------------------------------------------------

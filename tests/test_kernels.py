@@ -175,17 +175,15 @@ def kernel_eps(device, shapes, n, seed):
 
 
 class InjectedNoise:
-    r"""Hands the reference the kernels' noise, chunk by chunk in order (it calls
-    ``reference._noise`` once per chunk, forward and backward alike)."""
+    r"""Hands the reference the kernels' noise of the flat indices it asks for (the runs of the
+    stream that ``reference._noise`` is given, forward and backward alike)."""
 
     def __init__(self, eps: torch.Tensor):
         self.eps = eps
-        self.position = 0
 
-    def __call__(self, generator, shape, dtype, device):
-        count = shape[-1]
-        piece = self.eps[..., self.position : self.position + count]
-        self.position += count
+    def __call__(self, stream, ranges, shape, dtype, device):
+        pieces = [self.eps[..., start : start + count] for start, count in ranges]
+        piece = torch.cat(pieces, dim=-1) if pieces else self.eps[..., :0]
         assert tuple(piece.shape) == tuple(shape)
         return piece.to(device=device, dtype=dtype, copy=True)
 

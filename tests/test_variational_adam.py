@@ -184,6 +184,88 @@ def test_the_fused_cuda_step_equals_the_composed_one(dtype, tolerance):
     fused_and_composed_steps(dtype, tolerance, True, "cuda")
 
 
+def rows(tensor, rank, world):
+    r"""Rank ``rank``'s rows of ``tensor`` as FSDP2 cuts them (torch.chunk on dim 0)."""
+
+    chunks = tensor.chunk(world)
+    return chunks[rank] if rank < len(chunks) else tensor[:0]
+
+
+def rows_steps(dtype, prior_mean, world, device):
+    r"""Steps of a group, whole, and of every rank's rows with their noise offsets (the same
+    keys): the rows' results are the rows of the whole ones, bit for bit."""
+
+    torch.manual_seed(0)
+    # Rows that start mid Philox block (15 x 3: offsets not multiples of 4), a tensor of fewer
+    # rows than ranks (an empty shard), one that straddles the kernels' chunks.
+    sizes = [(15, 3), (3,), (1100, 5), (2, 7)]
+    means = [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+    logvars = [torch.randn(s, dtype=dtype, device=device) * 2 - 3 for s in sizes]
+    priors = [0.1 * torch.randn_like(m) for m in means] if prior_mean else None
+    begins = torch.tensor([0] + [m.numel() for m in means]).cumsum(0)[:-1].tolist()
+    n = sum(m.numel() for m in means)
+    options = dict(lr=1e-2, weight_decay=0.05, kl_weight=0.3)
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        theta, _, first = ops.sample(means, logvars, prior=ops.Prior(0.5, means=priors))
+    grads = [torch.sin(theta * step) for step in (1, 2, 3)]
+    whole = [m.clone() for m in (*means, *logvars)]
+    moments = flat_moments(means)
+    whole_theta, rng_state = theta.clone(), first
+    states = []
+    for step, grad in enumerate(grads, 1):
+        torch.manual_seed(10 + step)  # the next key
+        rng_state = variational_adam_step(
+            grad, whole[:4], whole[4:], *moments, whole_theta, rng_state, step,
+            prior=ops.Prior(0.5, means=priors), **options,
+        )  # fmt: skip
+        states.append(rng_state)
+
+    for rank in range(world):
+        mine = [rows(m, rank, world).clone() for m in (*means, *logvars)]
+        pm = None if priors is None else [rows(m, rank, world) for m in priors]
+        offsets = [b + rows(m, rank, world).storage_offset() for b, m in zip(begins, means)]
+
+        def local(flat, part=0):
+            return torch.cat(
+                [rows(flat[part * n + b :][: m.numel()].view_as(m), rank, world).reshape(-1)
+                 for b, m in zip(begins, means)]
+            )  # fmt: skip
+
+        exp_avgs, exp_avg_sqs = flat_moments(mine[:4])
+        my_theta, my_state = local(theta), first
+        for step, grad in enumerate(grads, 1):
+            torch.manual_seed(10 + step)
+            my_state = variational_adam_step(
+                local(grad), mine[:4], mine[4:], exp_avgs, exp_avg_sqs, my_theta, my_state,
+                step, prior=ops.Prior(0.5, means=pm), noise_offsets=offsets, **options,
+            )  # fmt: skip
+            assert torch.equal(my_state, states[step - 1])
+        for got, expected in zip(mine, whole):
+            assert torch.equal(got, rows(expected, rank, world))
+        for got, expected in zip((exp_avgs, exp_avg_sqs), moments):
+            assert torch.equal(got, torch.cat([local(expected), local(expected, 1)]))
+        assert torch.equal(my_theta, local(whole_theta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prior_mean", [False, True])
+@pytest.mark.parametrize("world", [2, 4])
+def test_rows_steps_are_the_rows_of_the_whole_steps(backend, dtype, prior_mean, world):
+    rows_steps(dtype, prior_mean, world, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("cuda")),
+    reason="no CUDA GPU and kernel",
+)
+@pytest.mark.parametrize("world", [2, 4])
+def test_cuda_rows_steps_are_the_rows_of_the_whole_steps(world):
+    rows_steps(torch.float32, True, world, "cuda")
+
+
 def test_bad_arguments_change_nothing(backend):
     ours, _ = twins(torch.float64)
     (group,) = ours._posterior.groups()
@@ -211,8 +293,16 @@ def test_bad_arguments_change_nothing(backend):
             rng_state,
             1,
         )
+    args = (theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state, 1)
+    with pytest.raises(ValueError, match="fastbnf::adam_step: noise_offsets has 1 entries for 4"):
+        variational_adam_step(*args, noise_offsets=[0])
+    with pytest.raises(ValueError, match=r"noise_offsets\[2\] must be >= 0, got -3"):
+        variational_adam_step(*args, noise_offsets=[0, 48, -3, 64])
+    with pytest.raises(ValueError, match="noise_offsets .* and average .* exclude each other"):
+        variational_adam_step(*args, noise_offsets=[0, 48, 64, 80], average=lambda flat: None)
     for p, b in zip([*means, *logvars], before):
         assert torch.equal(p, b)
+    assert torch.equal(theta, sample)
     assert torch.equal(theta, sample)
     assert not exp_avgs.any() and not exp_avg_sqs.any()
 

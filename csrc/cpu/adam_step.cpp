@@ -1,8 +1,9 @@
 // The fused variational Adam step on the CPU (fastbnf::adam_step_kernel; contract:
 // fastbnf/ops/library.py). One pass over the group per step, cut into the chunks of
 // posterior_kernels.cpp (chunk_walk.h): per chunk, the current sample's normals (from rng_state)
-// and the next sample's (a new key) into two scratch buffers, then per tensor piece and block of
-// kBlock elements:
+// and the next sample's (a new key) into two scratch buffers (per tensor piece instead where
+// noise_offsets place the tensors elsewhere in the stream: a rank's shards of a group), then per
+// tensor piece and block of kBlock elements:
 //
 //   1. the gradients of the means and log-variances, as sample_backward_kernel computes them for
 //      one sample with grad_kl = kl_weight (posterior_math.h), rounded to the group's dtype as
@@ -129,10 +130,26 @@ FASTBNF_INLINE void step_chunks_impl(const StepArgs& a, int64_t c0, int64_t c1) 
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t i0 = c * kChunk;
     const int64_t i1 = std::min(N, i0 + kChunk);
-    const uint64_t j0 = static_cast<uint64_t>(i0);
-    const float* eps = fill_normals<kAvx2>(eps_buf.get(), j0, i1 - i0, a.key);
-    const float* next = fill_normals<kAvx2>(next_buf.get(), j0, i1 - i0, a.next_key);
+    // The chunk's normals at once where the noise follows the flat index; else (shards, whose
+    // tensors sit at noise_offsets in the stream) each piece's at its own place.
+    const float* eps = nullptr;
+    const float* next = nullptr;
+    if (g.noise_is_flat) {
+      const uint64_t j0 = static_cast<uint64_t>(i0);
+      eps = fill_normals<kAvx2>(eps_buf.get(), j0, i1 - i0, a.key);
+      next = fill_normals<kAvx2>(next_buf.get(), j0, i1 - i0, a.next_key);
+    }
     for_pieces(g, i0, i1, [&](const TensorEntry& e, int64_t p0, int64_t p1) {
+      const float* eps_p;
+      const float* next_p;
+      if (g.noise_is_flat) {
+        eps_p = eps + (p0 - i0);
+        next_p = next + (p0 - i0);
+      } else {
+        const uint64_t j = static_cast<uint64_t>(e.noise_begin + (p0 - e.begin));
+        eps_p = fill_normals<kAvx2>(eps_buf.get(), j, p1 - p0, a.key);
+        next_p = fill_normals<kAvx2>(next_buf.get(), j, p1 - p0, a.next_key);
+      }
       // The op checked that the means and log-variances are the caller's tensors (no copies):
       // the table's read-only pointers are theirs, written here.
       St<T>* mu = const_cast<St<T>*>(at_flat<T>(e.mean, e, p0));
@@ -140,8 +157,8 @@ FASTBNF_INLINE void step_chunks_impl(const StepArgs& a, int64_t c0, int64_t c1) 
       const Moments<T> mom{exp_avgs + p0, exp_avg_sqs + p0, exp_avgs + N + p0,
                            exp_avg_sqs + N + p0};
       step_piece<kAvx2, T, out_t, kPm>(mu, lv, kPm ? at_flat<T>(e.prior_mean, e, p0) : nullptr,
-                                       grad + p0, eps + (p0 - i0), next + (p0 - i0), mom,
-                                       theta + p0, p1 - p0, e, gkl, a_mu, a_lv);
+                                       grad + p0, eps_p, next_p, mom, theta + p0, p1 - p0, e, gkl,
+                                       a_mu, a_lv);
     });
   }
 }
@@ -179,10 +196,11 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             const at::Tensor& rng_state, int64_t step, double lr, double beta1,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
-                            std::optional<at::TensorList> prior_means, int64_t salt) {
+                            std::optional<at::TensorList> prior_means, int64_t salt,
+                            std::optional<at::IntArrayRef> noise_offsets) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
-  const Group g = make_group(op, means, logvars, &prior);
+  const Group g = make_group(op, means, logvars, &prior, noise_offsets);
   const at::Tensor grad =
       check_adam_step(op, g, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
   const at::Tensor state = check_rng_state(op, rng_state, g);

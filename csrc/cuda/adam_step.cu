@@ -53,9 +53,10 @@ constexpr int kAdamMinBlocks = 2;
 
 // One step of the fused variational Adam (fastbnf::adam_step; the CPU kernel's comment in
 // csrc/cpu/adam_step.cpp gives the order of the work): per quad (4 flat elements), the
-// current and next samples' noise, the gradients as backward_kernel forms them (rounded to T as
-// its outputs are), AdamW on the means, log-variances and moments (adam_math.h), the next
-// theta. One quad at a time per thread.
+// current and next samples' noise (at the elements' places in the stream: their flat indices,
+// shifted for shards), the gradients as backward_kernel forms them (rounded to T as its
+// outputs are), AdamW on the means, log-variances and moments (adam_math.h), the next theta.
+// One quad at a time per thread.
 template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(const AdamParams p) {
   using S = typename Traits<T>::S;
@@ -114,6 +115,20 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
     }
   };
 
+  // The noise of the quad i0 .. i0 + 3 (i0 % 4 == 0) of a segment under (k, o): that of
+  // i0 + noise_shift, the tensor's place in the stream (a shard's in its whole group). A shift
+  // that is a multiple of 4 (always 0 but for shards) starts the quad at a Philox block: one
+  // block; another, mid block: two. Branching on the segment's shift rather than on the index
+  // keeps the one-block path as it was (the float64 kernels spill less).
+  auto quad_eps = [&](const Seg<T>& s, int64_t i0, uint64_t k, uint64_t o, float e[4]) {
+    const uint64_t j = static_cast<uint64_t>(i0 + s.noise_shift);
+    if ((s.noise_shift & 3) == 0) {
+      eps4_aligned(j, k, o, e);
+    } else {
+      eps4(j, k, o, e);
+    }
+  };
+
   // The quad of flat elements i0 .. i0 + 3 of a vector-readable segment, in three phases that
   // keep few values live: the gradients, Adam on the means then on the log-variances (each
   // with its moments), the next sample.
@@ -131,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
       for (int q = 0; q < 4; ++q) d[q] = pm::sub(mu[q], m[q]);
     }
     float e[4];
-    eps4_aligned(static_cast<uint64_t>(i0), key, offset, e);
+    quad_eps(s, i0, key, offset, e);
     S grad_mu[4], grad_lv[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) grads(lv[q], d[q], g[q], e[q], s.inv_var, grad_mu[q], grad_lv[q]);
@@ -160,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
     store4(const_cast<T*>(s.mean) + off, mu);
     store4(const_cast<T*>(s.logvar) + off, lv);
 
-    eps4_aligned(static_cast<uint64_t>(i0), next.key, next.offset, e);
+    quad_eps(s, i0, next.key, next.offset, e);
 #pragma unroll
     for (int q = 0; q < 4; ++q) g[q] = next_theta(mu[q], lv[q], e[q]);
     store_flat(theta(), i0, g);
@@ -174,12 +189,32 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
     }
   };
 
+  // The noise of the flat elements i0 .. i0 + count - 1 of the slow path (i0 in tensor t) under
+  // (k, o): the four from the first element's place in the stream; a quad that straddles
+  // tensors whose shifts differ (shards) then draws the elements past the first tensor one by
+  // one, in a loop kept rolled (one more Philox in the code, not three).
+  auto slow_eps = [&](int t, int64_t i0, int count, uint64_t k, uint64_t o, float e[4]) {
+    const DeviceTensor* d = p.c.tensors + t;
+    const int64_t shift = d->noise_shift;
+    eps4(static_cast<uint64_t>(i0 + shift), k, o, e);
+    if (i0 + count <= d->end) return;
+#pragma unroll 1
+    for (int q = 1; q < count; ++q) {
+      t = walk_to(p.c.tensors, t, i0 + q);
+      const int64_t other = p.c.tensors[t].noise_shift;
+      if (other == shift) continue;
+      const float x = eps1(static_cast<uint64_t>(i0 + q + other), k, o);
+#pragma unroll
+      for (int r = 1; r < 4; ++r) e[r] = r == q ? x : e[r];
+    }
+  };
+
   // Element by element, in two passes over the quad (the update, then the next sample, which
   // reads the updated posterior back): one set of noise live at a time.
   auto slow = [&](int t, int64_t i0) {
     const int count = static_cast<int>(min(int64_t{4}, n - i0));
     float e[4];
-    eps4(static_cast<uint64_t>(i0), key, offset, e);
+    slow_eps(t, i0, count, key, offset, e);
     int t0 = t;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -202,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
         store1(const_cast<T*>(static_cast<const T*>(x.d->logvar)) + x.local, lv);
       }
     }
-    eps4(static_cast<uint64_t>(i0), next.key, next.offset, e);
+    slow_eps(t0, i0, count, next.key, next.offset, e);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (q < count) {

@@ -4,7 +4,8 @@
 // A group is described by a table in device memory, built on the host once per group (the
 // launchers cache it while the data pointers are unchanged, table_cache.h):
 //   DeviceTensor tensors[T]   one per non-empty tensor (group_table.h's TensorEntry, plus the
-//                             end of its flat range and whether it can be read 4 at a time)
+//                             end of its flat range, its shift in the noise stream and whether
+//                             it can be read 4 at a time)
 //   int32_t tile_first[tiles] the first tensor of each tile of kTileElements flat elements
 // so that a kernel resolves the tensor of a tile once (ATen's multi_tensor_apply and apex build
 // the same kind of map), and one launch covers any number of tensors.
@@ -31,12 +32,16 @@ struct DeviceTensor {
   const void* prior_mean;  // null: the prior mean is 0
   int64_t begin;           // flat range [begin, end) of the tensor in the group
   int64_t end;
+  // noise_begin - begin: flat element i draws the noise of i + noise_shift. 0 but for the Adam
+  // step's shards (noise_offsets), which draw their slices of the whole group's noise; it may
+  // be negative.
+  int64_t noise_shift;
   double inv_prior_var;
   double log_prior_var_m1;
   int32_t vec;  // begin % 4 == 0 and every pointer aligned for 4-element vector loads
   int32_t pad;
 };
-static_assert(sizeof(DeviceTensor) == 64, "DeviceTensor is 64 bytes");
+static_assert(sizeof(DeviceTensor) == 72, "DeviceTensor is 72 bytes");
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -73,6 +78,7 @@ inline void fill_tensors(void* host, const TensorEntry* entries, int64_t num_ten
     d.prior_mean = e.prior_mean;
     d.begin = e.begin;
     d.end = e.begin + e.numel;
+    d.noise_shift = e.noise_begin - e.begin;
     d.inv_prior_var = e.inv_prior_var;
     d.log_prior_var_m1 = e.log_prior_var_m1;
     d.vec = e.begin % 4 == 0 && (e.mean == nullptr || aligned(e.mean, alignment)) &&

@@ -234,10 +234,11 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             const at::Tensor& rng_state, int64_t step, double lr, double beta1,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
-                            std::optional<at::TensorList> prior_means, int64_t salt) {
+                            std::optional<at::TensorList> prior_means, int64_t salt,
+                            std::optional<at::IntArrayRef> noise_offsets) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior{prior_var, prior_vars, prior_means};
-  const Group group = make_group(op, means, logvars, &prior);
+  const Group group = make_group(op, means, logvars, &prior, noise_offsets);
   const at::Tensor grad =
       check_adam_step(op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
   const at::Tensor state = check_rng_state(op, rng_state, group);

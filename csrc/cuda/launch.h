@@ -66,7 +66,9 @@ struct BackwardArgs {
 
 // The fused variational Adam step (fastbnf::adam_step): the gradients of the current sample
 // (eps from rng_state), AdamW on the means and log-variances (updated in place through the
-// table's pointers) and their moments, and the next sample (a new key) into theta.
+// table's pointers) and their moments, and the next sample (a new key) into theta. Both
+// samples' noise is drawn at each tensor's place in the stream, the table's noise_shift (a
+// shard's place in its whole group, noise_offsets).
 struct AdamArgs {
   DType dtype = DType::kFloat32;      // of means, logvars, prior means and moments
   DType out_dtype = DType::kFloat32;  // of theta and grad_theta: dtype, float16 or bfloat16

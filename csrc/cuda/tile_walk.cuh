@@ -213,7 +213,8 @@ __device__ __forceinline__ void eps4_aligned(uint64_t j, uint64_t key, uint64_t 
   normal4(philox_block(j >> 2, key, offset), e);
 }
 
-// eps of j .. j + 3 for any j (rows k > 0 start mid block when N % 4 != 0: two blocks).
+// eps of j .. j + 3 for any j (rows k > 0 start mid block when N % 4 != 0, and so do the Adam
+// step's shards at noise offsets that are not multiples of 4: two blocks).
 __device__ __forceinline__ void eps4(uint64_t j, uint64_t key, uint64_t offset, float e[4]) {
   const unsigned r = static_cast<unsigned>(j & 3);
   float a[4];
@@ -233,6 +234,14 @@ __device__ __forceinline__ void eps4(uint64_t j, uint64_t key, uint64_t offset, 
   e[3] = r == 1 ? b[0] : (r == 2 ? b[1] : b[2]);
 }
 
+// eps of the flat sample index j alone (one block, its lane j % 4).
+__device__ __forceinline__ float eps1(uint64_t j, uint64_t key, uint64_t offset) {
+  float a[4];
+  normal4(philox_block(j >> 2, key, offset), a);
+  const unsigned r = static_cast<unsigned>(j & 3);
+  return r == 0 ? a[0] : (r == 1 ? a[1] : (r == 2 ? a[2] : a[3]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiles and segments
 
@@ -244,6 +253,9 @@ struct Seg {
   const T* logvar;
   const T* prior_mean;  // null: the prior mean is 0
   typename Traits<T>::S inv_var, log_var_m1;
+  // DeviceTensor's noise_shift. Only the Adam step reads it: in the sampling kernels it is
+  // dead code, which costs them no register.
+  int64_t noise_shift;
 };
 
 template <typename T>
@@ -251,9 +263,14 @@ __device__ __forceinline__ Seg<T> rebase(const DeviceTensor* d, int64_t ts) {
   using S = typename Traits<T>::S;
   const int64_t shift = ts - d->begin;  // may be negative: the tensor starts inside the tile
   const T* prior = static_cast<const T*>(d->prior_mean);
-  return Seg<T>{static_cast<const T*>(d->mean) + shift, static_cast<const T*>(d->logvar) + shift,
-                prior == nullptr ? nullptr : prior + shift, static_cast<S>(d->inv_prior_var),
-                static_cast<S>(d->log_prior_var_m1)};
+  Seg<T> s;
+  s.mean = static_cast<const T*>(d->mean) + shift;
+  s.logvar = static_cast<const T*>(d->logvar) + shift;
+  s.prior_mean = prior == nullptr ? nullptr : prior + shift;
+  s.inv_var = static_cast<S>(d->inv_prior_var);
+  s.log_var_m1 = static_cast<S>(d->log_prior_var_m1);
+  s.noise_shift = d->noise_shift;
+  return s;
 }
 
 // Walks this block's tiles, tensor by tensor. In each segment (the part of a tensor inside the

@@ -28,7 +28,8 @@ prior_vars, prior_means)``
 ``variance(logvars)``
     the flat ``exp(softclip(logvar, 18))``, for the local reparameterization trick.
 ``adam_step(grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state, step, lr,
-beta1, beta2, eps, weight_decay, kl_weight, prior_var, prior_vars, prior_means, salt)``
+beta1, beta2, eps, weight_decay, kl_weight, prior_var, prior_vars, prior_means, salt,
+noise_offsets)``
     one step of :class:`fastbnf.optim.VariationalAdam` in place, and returns the
     ``rng_state`` of the next sample. With ``eps`` regenerated from ``rng_state`` and
     ``grad_theta`` the ``(N,)`` gradient of the data loss with respect to the sample ``theta``
@@ -37,8 +38,12 @@ beta1, beta2, eps, weight_decay, kl_weight, prior_var, prior_vars, prior_means, 
     kl_weight``; AdamW (``csrc/common/adam_math.h``; ``weight_decay`` on the means only) then
     updates the means, the log-variances and their moments (``exp_avgs`` and ``exp_avg_sqs``,
     ``(2 N,)``: the means' then the log-variances'), and the next sample is drawn from the
-    updated posterior with a new key into ``theta``. This kernel op has no public op in front
-    of it: the optimizer calls it, or its twin, directly.
+    updated posterior with a new key into ``theta``. ``noise_offsets``, one per tensor, place
+    the tensors in the noise stream: element ``e`` of tensor ``t`` draws the noise of flat
+    index ``noise_offsets[t] + e`` (by default the tensor's offset in the group), so that
+    shards of a group, each stepped on its own rank, draw their slices of the whole group's
+    noise. This kernel op has no public op in front of it: the optimizer calls it, or its
+    twin, directly.
 
 The prior of tensor t is ``N(m_t, v_t)`` with ``v_t = prior_vars[t]`` (or ``prior_var``) and
 ``m_t = prior_means[t]`` (or 0). Every backend checks the same input contract (dtypes, shapes,
@@ -74,7 +79,7 @@ SCHEMAS: dict[str, str] = {
         "(Tensor grad_theta, Tensor(a!)[] means, Tensor(b!)[] logvars, Tensor(c!) exp_avgs, "
         "Tensor(d!) exp_avg_sqs, Tensor(e!) theta, Tensor rng_state, int step, float lr, "
         f"float beta1, float beta2, float eps, float weight_decay, float kl_weight, {_PRIOR}, "
-        "int salt) -> Tensor next_rng_state"
+        "int salt, int[]? noise_offsets=None) -> Tensor next_rng_state"
     ),
 }
 

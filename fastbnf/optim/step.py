@@ -30,6 +30,7 @@ def variational_adam_step(
     prior: Prior = STANDARD_NORMAL,
     salt: int = 0,
     average: Callable[[Tensor], None] | None = None,
+    noise_offsets: Sequence[int] | None = None,
 ) -> Tensor:
     r"""Takes one variational Adam step of a group and draws its next sample into ``theta``.
 
@@ -66,6 +67,9 @@ def variational_adam_step(
         salt: An integer folded into the noise's key (the data-parallel rank).
         average: A function that averages, in place, the group's flat gradient (of the means,
             then of the log-variances) over data-parallel ranks before the update.
+        noise_offsets: Per tensor, the index of its first element in the noise stream: for
+            shards of a group (a rank's rows of each tensor), their places in the whole group,
+            so that the rank draws its slice of the whole group's noise. Not with ``average``.
 
     Returns:
         The ``(seed, offset)`` pair the next sample was drawn from.
@@ -79,7 +83,12 @@ def variational_adam_step(
     if average is None:
         hyper = (step, lr, beta1, beta2, eps, weight_decay, kl_weight)
         args = (grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state)
-        return run("adam_step", device, *args, *hyper, *prior, salt)
+        return run("adam_step", device, *args, *hyper, *prior, salt, noise_offsets)
+    if noise_offsets is not None:
+        raise ValueError(
+            "variational_adam_step: noise_offsets (shards) and average (each rank's own noise) "
+            "exclude each other."
+        )
 
     # A fill, not a copy from the host: no transfer on a GPU.
     grad_kl = torch.full((), kl_weight, dtype=means[0].dtype, device=device)
