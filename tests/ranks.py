@@ -21,8 +21,9 @@ WORLD = 2
 START = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
-def init(rank: int, init_file: str) -> None:
-    r"""Joins the gloo group of the file ``init_file``, one thread per rank."""
+def init(rank: int, init_file: str, world: int = WORLD) -> None:
+    r"""Joins the gloo group of ``world`` ranks of the file ``init_file``, one thread per
+    rank."""
 
     torch.set_num_threads(1)
     # A failed assertion on one rank must not leave the other waiting in a collective for
@@ -31,7 +32,7 @@ def init(rank: int, init_file: str) -> None:
         "gloo",
         init_method=f"file://{init_file}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
 
@@ -49,18 +50,20 @@ def _entry(rank: int, target, *args) -> None:
     os._exit(0)
 
 
-def run(target, *args, preload=("torch", "fastbnf"), timeout: float = 120) -> None:
-    r"""Runs ``target(rank, *args)`` on every rank and waits; a rank that fails or hangs fails
-    the test (not the whole run)."""
+def run(
+    target, *args, preload=("torch", "fastbnf"), timeout: float = 120, world: int = WORLD
+) -> None:
+    r"""Runs ``target(rank, *args)`` on each of ``world`` ranks and waits; a rank that fails or
+    hangs fails the test (not the whole run)."""
 
     if START == "forkserver":
         multiprocessing.set_forkserver_preload(list(preload))
     context = mp.start_processes(
-        _entry, args=(target, *args), nprocs=WORLD, join=False, start_method=START
+        _entry, args=(target, *args), nprocs=world, join=False, start_method=START
     )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {timeout:.0f} s")
+            pytest.fail(f"the {world} ranks did not finish within {timeout:.0f} s")

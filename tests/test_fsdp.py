@@ -38,7 +38,7 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 def shard(module: nn.Module, **kwargs) -> nn.Module:
     r"""fully_shard() over the CPU ranks: its default mesh is on CUDA wherever CUDA is."""
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     return fully_shard(module, mesh=mesh, **kwargs)
 
 
@@ -328,15 +328,18 @@ def test_fsdp_refuses_what_it_cannot_compute(tmp_path: Path):
 # every rank; fully_shard() of the base model, applied after it, shards the samples.
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    r"""A tensor, gathered if it is a DTensor (a collective)."""
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
 def posterior(bm) -> dict[str, torch.Tensor]:
     r"""The posterior and the plain parameter, whole."""
 
-    bias = bm.base[2].bias
-    if isinstance(bias, DTensor):
-        bias = bias.full_tensor()
-    state = {f"means.{k}": v.detach().clone() for k, v in bm.means.items()}
-    state.update({f"logvars.{k}": v.detach().clone() for k, v in bm.logvars.items()})
-    return {**state, "base.2.bias": bias.detach().clone()}
+    state = {f"means.{k}": whole(v) for k, v in bm.means.items()}
+    state.update({f"logvars.{k}": whole(v) for k, v in bm.logvars.items()})
+    return {**state, "base.2.bias": whole(bm.base[2].bias)}
 
 
 def variational(bm, rank, sharding=None, steps=slice(None)) -> fastbnf.optim.VariationalAdam:
@@ -391,10 +394,8 @@ def ranks_variational(rank: int, init_file: str, backend: str) -> None:
         assert isinstance(bm.base[2].bias, DTensor)
         assert bm.base[0].weight.grad is None  # zero_grad() freed FSDP's gradients
         assert_same(posterior(bm), expected)
-        # The base model's shards are those of the optimizer's current sample.
-        torch.testing.assert_close(
-            bm.base[0].weight.full_tensor(), optimizer.samples[0][0], rtol=0, atol=0
-        )
+        # The optimizer's samples are the base model's shards, where it writes them.
+        assert bm.base[0].weight is optimizer.samples[0][0]
 
     bm = make()
     optimizer = variational(bm, rank, shard_but_a_sample)
@@ -407,13 +408,11 @@ def ranks_variational(rank: int, init_file: str, backend: str) -> None:
     bm = make()
     optimizer = variational(bm, rank, shard_base, steps=slice(0, 2))
     generator_state = torch.get_rng_state()  # the next keys come from it
+    # The model's state loads before the optimizer is created and the model sharded (after,
+    # its posterior is in the shards' rows, and BayesianModel.load_state_dict refuses).
     other = make(seed=1)
+    other.load_state_dict(full_state(bm))
     resumed = variational(other, rank, shard_base, steps=slice(0, 0))
-    with torch.no_grad():
-        for name in ("means", "logvars"):
-            for key, value in getattr(bm, name).items():
-                getattr(other, name)[key].copy_(value)
-        other.base[2].bias.copy_(bm.base[2].bias)
     resumed.load_state_dict(optimizer.state_dict())
     torch.set_rng_state(generator_state)
     variational_steps(other, resumed, rank, steps=slice(2, None))
@@ -429,6 +428,77 @@ def test_fsdp_variational_adam_trains_as_one_process(tmp_path: Path, backend: st
         str(tmp_path / "init"),
         backend,
         preload=("torch", "fastbnf", "torch.distributed.fsdp"),
+    )
+
+
+def ranks_sharded_posterior(rank: int, init_file: str, backend: str, world: int) -> None:
+    use_backend(backend)
+    ranks.init(rank, init_file, world)
+
+    # Every rank takes the whole batch: FSDP's average of equal gradients is exact, so that
+    # the ranks' steps on their rows are one process's, bit for bit.
+    alone = make()
+    variational(alone, None)
+    expected = posterior(alone)
+
+    for sharding in (shard_layers, shard_base):
+        bm = make()
+        optimizer = variational(bm, None, sharding)
+        # The posterior, its moments and the flat sample and gradient hold this rank's rows.
+        samples = optimizer.samples[0]
+        assert all(isinstance(s, DTensor) for s in samples)
+        rows = sum(s.to_local().numel() for s in samples)
+        assert optimizer._thetas[0].numel() == optimizer._grads[0].numel() == rows
+        assert optimizer._exp_avgs[0].numel() == optimizer._exp_avg_sqs[0].numel() == 2 * rows
+        for key, sample in zip(optimizer._shards[0].keys, samples):
+            for p in (bm.means[key], bm.logvars[key]):
+                assert isinstance(p, DTensor) and p.to_local().shape == sample.to_local().shape
+        # The trainer's parameters are the tensors that receive the gradients: the shards.
+        assert list(map(id, optimizer.param_groups[0]["params"])) == list(map(id, samples))
+        assert bm.base[0].weight is samples[0]
+        # The plain parameter steps on its shard, its moments cut the same way.
+        (bias,) = optimizer.param_groups[1]["params"]
+        assert bias is bm.base[2].bias and isinstance(bias, DTensor)
+        assert isinstance(optimizer.state[bias]["exp_avg"], DTensor)
+        assert_same(posterior(bm), expected, rtol=0, atol=0)
+        # The frozen weights that the slots keep for the state dict are cut as the samples.
+        frozen = bm._slots.held.originals[bm.base[0], "weight"]
+        assert isinstance(frozen, DTensor)
+        state = full_state(bm)
+        assert torch.equal(state["base.0.weight"], make().base[0].weight)
+
+    # A checkpoint: the model's whole state before the optimizer, the optimizer's of each rank.
+    bm = make()
+    optimizer = variational(bm, None, shard_base, steps=slice(0, 2))
+    generator_state = torch.get_rng_state()
+    other = make(seed=1)
+    other.load_state_dict(full_state(bm))
+    resumed = variational(other, None, shard_base, steps=slice(0, 0))
+    resumed.load_state_dict(optimizer.state_dict())
+    torch.set_rng_state(generator_state)
+    variational_steps(other, resumed, None, steps=slice(2, None))
+    assert_same(posterior(other), expected, rtol=0, atol=0)
+
+    # What reads the whole posterior refuses, by name, and changes nothing.
+    with pytest.raises(RuntimeError, match=r"means\['0-weight'\] is a shard.*VariationalAdam"):
+        other.kl_divergence()
+    with pytest.raises(RuntimeError, match=r"load_state_dict: fully_shard\(\) manages"):
+        other.load_state_dict(full_state(bm))
+    assert_same(posterior(other), expected, rtol=0, atol=0)
+
+    dist.barrier()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fsdp_variational_adam_shards_the_posterior(tmp_path: Path, backend: str, world: int):
+    ranks.run(
+        ranks_sharded_posterior,
+        str(tmp_path / "init"),
+        backend,
+        world,
+        preload=("torch", "fastbnf", "torch.distributed.fsdp"),
+        world=world,
     )
 
 

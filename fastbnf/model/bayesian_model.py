@@ -14,7 +14,7 @@ from torch import Tensor
 from typing import Any
 
 from .._compat import swap_parameter
-from .._sharding import fully_sharded
+from .._sharding import fully_sharded, is_dtensor
 from . import checkpointing
 from . import predict as _predict
 from .local_trick import LocalTrick
@@ -555,9 +555,20 @@ class BayesianModel(nn.Module):
         Unlike :meth:`torch.nn.Module.load_state_dict`, every key, shape and value (a tensor,
         and one with data unless ``assign``) is checked before anything is copied, so a bad
         checkpoint leaves the model unchanged. While a :class:`fastbnf.optim.VariationalAdam`
-        keeps its sample in the base model, the sample is drawn anew from the loaded posterior.
+        keeps its sample in the base model, the sample is drawn anew from the loaded posterior;
+        once ``fully_shard()`` manages the base model, it refuses (load before the optimizer is
+        created and the model sharded).
         """
 
+        held = self._slots.held
+        if held is not None and any(is_dtensor(m._parameters[a]) for m, a in held.originals):
+            raise RuntimeError(
+                "BayesianModel.load_state_dict: fully_shard() manages the base model's slots, "
+                "which hold the samples of a fastbnf.optim.VariationalAdam that keeps the "
+                "posterior in the samples' rows (it would have to be loaded shard by shard). "
+                "Load the model's state before creating the optimizer and sharding the model, "
+                "then the optimizer's state with its load_state_dict(); nothing was loaded."
+            )
         expected = self.state_dict()
         problems = []
         for key, value in state_dict.items():

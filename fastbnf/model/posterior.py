@@ -70,12 +70,12 @@ def check_finite(value: Any, argument: str) -> float:
 
 def _sharded_error(group: Group) -> RuntimeError:
     return RuntimeError(
-        f"BayesianModel: means[{group.keys[0]!r}] is a shard (a DTensor of fully_shard(), "
-        "FSDP2) where the ops read it. Apply fully_shard() to the BayesianModel itself, "
-        "fully_shard(bm), whose methods then gather the posterior for the ops. "
-        "fastbnf.optim.VariationalAdam keeps the posterior whole: create it first, then apply "
-        "fully_shard() to the base model or its modules (fully_shard(bm.base)), which shards "
-        "the samples it keeps there."
+        f"BayesianModel: means[{group.keys[0]!r}] is a shard (a DTensor) where the ops read "
+        "it. Apply fully_shard() to the BayesianModel itself, fully_shard(bm), whose methods "
+        "then gather the posterior for the ops. Under fastbnf.optim.VariationalAdam and "
+        "fully_shard(bm.base), the optimizer keeps the posterior in the samples' rows: read "
+        "it whole with torch.distributed.checkpoint's get_model_state_dict(bm, "
+        "options=StateDictOptions(full_state_dict=True)), into an unsharded model."
     )
 
 
@@ -128,21 +128,24 @@ class Posterior:
         self.cache = {}
         self.links = None
 
-    def groups(self, skip: frozenset[str] = frozenset()) -> list[Group]:
+    def groups(self, skip: frozenset[str] = frozenset(), shards: bool = False) -> list[Group]:
         r"""Returns the groups of the selected parameters but ``skip``, as the ops read them.
 
         Internal interface for :mod:`fastbnf.optim`.
 
         Arguments:
             skip: The keys to leave out.
+            shards: Whether groups of DTensors may be returned (to the optimizer that made
+                them, which reads their local rows); else they raise.
         """
 
         groups = self.cache.get(skip)
         if groups is None or not self.current(groups):
             groups = self.build(skip)
-        for group in groups:
-            if group.sharded:
-                raise _sharded_error(group)
+        if not shards:
+            for group in groups:
+                if group.sharded:
+                    raise _sharded_error(group)
         return groups
 
     def current(self, groups: list[Group]) -> bool:

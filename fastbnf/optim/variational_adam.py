@@ -20,6 +20,7 @@ from ..model.posterior import posterior_of
 from ..model.slots import slots_of
 from .._compat import local_part
 from .adamw import adam_update
+from .shards import Shards, like_dtensor, rows_of, shard_group, shardable
 from .step import variational_adam_step
 
 
@@ -116,12 +117,26 @@ class VariationalAdam(torch.optim.Optimizer):
 
     Sharding (FSDP2): create the optimizer first, then apply ``fully_shard()`` to the base model
     or its modules (``fully_shard(bm.base)``, not ``fully_shard(bm)``). FSDP then shards the
-    samples and their gradients, not the optimizer's state: the posterior, Adam's moments and
-    the flat sample stay whole on every rank. :meth:`step` gathers the gradients that FSDP has
-    averaged (one all-gather per sharded tensor), takes the same step on every rank and writes
-    each rank's shards of the next sample; a non-Bayesian parameter is gathered, updated whole
-    and written back the same way. FSDP's average of the samples' gradients is right only if
-    every rank holds the same sample: the model's ``fold_rank`` must be false.
+    samples and their gradients, and the optimizer keeps the posterior in the same rows: on the
+    first step (or ``state_dict()``) after the sharding, each group whose samples FSDP has cut
+    into rows (``Shard(0)`` of a 1-d mesh, its default) gets its means and log-variances as
+    DTensor parameters of the model laid out like the samples, and Adam's moments and the flat
+    sample and gradient in this rank's rows only (:mod:`fastbnf.optim.shards`). :meth:`step`
+    then reads the gradients that FSDP has reduce-scattered and averaged, steps the rows with
+    their places in the group's noise stream, so that the ranks together take the step of one
+    process, and writes the next sample into the shards, where FSDP's forward gathers it: no
+    collective of its own, and 1 / W of the state per rank. The trainer's ``param_groups`` then
+    hold the shards. A group sharded otherwise (another placement, a 2-d mesh, some samples
+    left whole) stays whole on every rank: its gradients are gathered (one all-gather per
+    sharded tensor), the same step taken on every rank and each rank's shards of the next
+    sample written; a non-Bayesian parameter is gathered, updated whole and written back the
+    same way. FSDP's average of the samples' gradients is right only if every rank holds the
+    same sample: the model's ``fold_rank`` must be false. With the posterior in the rows, the
+    model's methods that read it whole refuse, and so does its ``load_state_dict()``: load the
+    model's state before creating the optimizer and sharding, and read the posterior whole with
+    ``torch.distributed.checkpoint``'s ``get_model_state_dict(bm,
+    options=StateDictOptions(full_state_dict=True))``. The optimizer's ``state_dict()`` holds
+    each rank's rows, to load on as many ranks.
 
     The model's ``state_dict`` keeps the frozen weights under ``base.*`` (zuko's), its
     ``means``, ``logvars``, :meth:`BayesianModel.kl_divergence` and ``reparameterize()`` work as
@@ -259,6 +274,9 @@ class VariationalAdam(torch.optim.Optimizer):
                 if id(ancestor) not in seen:
                     seen.add(id(ancestor))
                     self._classes.append((ancestor, type(ancestor)))
+        # Per group, its posterior on this rank's rows once fully_shard() has cut its samples
+        # into rows (shards.py), else None.
+        self._shards: list[Shards | None] = [None] * len(groups)
         # The samples' gradients accumulate in place in one flat buffer per group (autograd
         # adds into an existing .grad), which the step reads as it is.
         self._grads = [torch.zeros_like(theta) for theta in self._thetas]
@@ -300,7 +318,9 @@ class VariationalAdam(torch.optim.Optimizer):
     def _attach_grads(self) -> None:
         r"""Makes every sample's .grad its view of the group's flat gradient buffer."""
 
-        for pieces, views in zip(self._pieces, self._grad_views):
+        for pieces, views, shards in zip(self._pieces, self._grad_views, self._shards):
+            if shards is not None:  # FSDP's DTensors, whose gradients FSDP assigns
+                continue
             for piece, view in zip(pieces, views):
                 if piece.grad is not view:
                     piece.grad = view
@@ -314,8 +334,18 @@ class VariationalAdam(torch.optim.Optimizer):
     def _check_means(self) -> None:
         if not self._resharded():
             return
+        mine = {}
+        for shards in filter(None, self._shards):
+            mine.update(zip(shards.keys, shards.mean_params))
         for key, mean in self._posterior.means.items():
-            if is_dtensor(mean):
+            if key in mine:
+                if mean is not mine[key]:
+                    raise RuntimeError(
+                        f"VariationalAdam: means[{key!r}] is no longer the shard the optimizer "
+                        "made of it (fully_shard() of the BayesianModel, or a parameter set by "
+                        "hand?): the optimizer keeps the posterior in the rows of the samples."
+                    )
+            elif is_dtensor(mean):
                 raise RuntimeError(
                     f"VariationalAdam: means[{key!r}] is sharded (a DTensor of fully_shard(), "
                     "FSDP2): the optimizer keeps the posterior whole on every rank and cannot "
@@ -331,7 +361,12 @@ class VariationalAdam(torch.optim.Optimizer):
         if not self._resharded():
             return [{} for _ in self._pieces]
         out = []
-        for places, names, pieces in zip(self._places, self._names, self._pieces):
+        for places, names, pieces, mine in zip(
+            self._places, self._names, self._pieces, self._shards
+        ):
+            if mine is not None:  # the posterior in the shards' rows already
+                out.append({})
+                continue
             shards: dict[int, Tensor] = {}
             whole = set()
             for module, attribute, i in places:
@@ -354,6 +389,87 @@ class VariationalAdam(torch.optim.Optimizer):
                 )
             out.append(shards)
         return out
+
+    def _follow_sharding(self) -> list[dict[int, Tensor]]:
+        r"""Follows what fully_shard() has sharded since the last call, once: the non-Bayesian
+        parameters are replaced by their shards (:meth:`_shard_others`), and the posterior of
+        every group whose samples are cut into rows is kept in the same rows
+        (:mod:`fastbnf.optim.shards`). Returns the shards of the samples of the other groups,
+        as :meth:`_sharded_samples` does."""
+
+        self._shard_others()
+        samples = self._sharded_samples()
+        if self._posterior.fold_rank and _data_parallel():
+            return samples  # refused by step(): each rank would hold its own sample
+        for i, found in enumerate(samples):
+            if found and shardable(found, len(self._pieces[i])):
+                self._shard_posterior(i, [found[j] for j in range(len(self._pieces[i]))])
+                samples[i] = {}
+        return samples
+
+    @torch.no_grad()
+    def _shard_posterior(self, i: int, samples: list[Tensor]) -> None:
+        r"""Keeps group ``i``'s posterior, moments and sample in this rank's rows of the
+        samples' DTensors ``samples``; the whole tensors are dropped."""
+
+        group = self._posterior.groups(shards=True)[i]
+        numel = self._thetas[i].numel()
+        shards, spans = shard_group(
+            group.keys, group.means, group.logvars, self._pieces[i], samples, self._priors[i]
+        )
+        # Every reference to the whole tensors goes: the model's parameters, the flat buffers,
+        # the samples (the trainer's parameters are the DTensors now), the priors, and the
+        # frozen weights that the slots keep (cut as the samples at their slots), or the means
+        # themselves where keep_base_weights=False made them the base model's weights.
+        originals = self._slots.held.originals
+        cut: dict[int, Tensor] = {
+            id(old): new for old, new in zip(group.means, shards.mean_params)
+        }
+        for module, attribute, j in self._places[i]:
+            original = originals[module, attribute]
+            if id(original) not in cut:
+                cut[id(original)] = nn.Parameter(
+                    like_dtensor(original, samples[j]), requires_grad=original.requires_grad
+                )
+            originals[module, attribute] = cut[id(original)]
+        for key, mean, logvar in zip(shards.keys, shards.mean_params, shards.logvar_params):
+            self._posterior.means[key] = mean
+            self._posterior.logvars[key] = logvar
+        self._posterior.invalidate()
+        self._exp_avgs[i] = rows_of(self._exp_avgs[i], spans, numel)
+        self._exp_avg_sqs[i] = rows_of(self._exp_avg_sqs[i], spans, numel)
+        self._thetas[i] = rows_of(self._thetas[i], spans, numel)
+        self._grads[i] = torch.zeros_like(self._thetas[i])
+        self._grad_views[i] = list(self._grads[i].split([count for _, count in spans]))
+        self._pieces[i] = samples
+        self._priors[i] = shards.prior
+        self._shards[i] = shards
+        self.param_groups[0]["params"] = [p for ps in self._pieces for p in ps]
+
+    @torch.no_grad()
+    def _shard_others(self) -> None:
+        r"""Puts in ``param_groups`` the shards (DTensors) that fully_shard() has put in the
+        base model's slots in place of the non-Bayesian parameters, with their moments cut the
+        same way: AdamW then steps each rank's shard on the gradient that FSDP has
+        reduce-scattered and averaged, and the whole parameters are dropped."""
+
+        shards = self._sharded_others()
+        if not shards:
+            return
+        for param_group in self.param_groups:
+            params = param_group["params"]
+            for k, p in enumerate(params):
+                shard = shards.get(id(p))
+                if shard is None:
+                    continue
+                params[k] = shard
+                self._other_places[id(shard)] = self._other_places.pop(id(p))
+                state = self.state.pop(p, None)
+                if state:
+                    self.state[shard] = {
+                        key: like_dtensor(value, shard) if isinstance(value, Tensor) else value
+                        for key, value in state.items()
+                    }
 
     def _sharded_others(self) -> dict[int, Tensor]:
         r"""The shards (DTensors) that fully_shard() has put in the base model's slots in
@@ -383,7 +499,7 @@ class VariationalAdam(torch.optim.Optimizer):
     def release(self) -> None:
         r"""Puts the frozen weights back in the base model; the optimizer cannot step after."""
 
-        if any(self._sharded_samples()):
+        if any(self._sharded_samples()) or any(s is not None for s in self._shards):
             raise RuntimeError(
                 "VariationalAdam: cannot release a base model that fully_shard() manages: its "
                 "slots hold FSDP's shards of the samples. Read the posterior from the model's "
@@ -423,9 +539,9 @@ class VariationalAdam(torch.optim.Optimizer):
             raise RuntimeError("VariationalAdam: released, it cannot step any more.")
         # What fully_shard() has sharded since the construction, checked before any change.
         self._check_means()
-        samples = self._sharded_samples()
-        others = self._sharded_others()
-        if any(samples) and self._posterior.fold_rank and _data_parallel():
+        samples = self._follow_sharding()
+        sharded = any(samples) or any(s is not None for s in self._shards)
+        if sharded and self._posterior.fold_rank and _data_parallel():
             raise RuntimeError(
                 "VariationalAdam: fully_shard() averages the samples' gradients over the "
                 "ranks, which is right only when every rank holds the same sample; the model's "
@@ -451,7 +567,7 @@ class VariationalAdam(torch.optim.Optimizer):
             if param_group["posterior"]:
                 self._posterior_step(param_group["kl_weight"], samples, attached, **options)
             else:
-                self._plain_step(param_group["params"], others, **options)
+                self._plain_step(param_group["params"], **options)
         return loss
 
     def _check_sparse(self, attached: list[bool]) -> None:
@@ -498,9 +614,13 @@ class VariationalAdam(torch.optim.Optimizer):
             )
 
     def _posterior_step(self, kl_weight, samples, attached, lr, betas, eps, weight_decay) -> None:
-        groups = self._posterior.groups()
+        groups = self._posterior.groups(shards=True)
         salt = self._posterior.salt()
+        options = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, kl_weight=kl_weight)
         for i, (group, prior, pieces) in enumerate(zip(groups, self._priors, self._pieces)):
+            if self._shards[i] is not None:
+                self._rows_step(i, salt, options)
+                continue
             shards = samples[i]
             if attached[i]:
                 grad_theta, views = self._grads[i], self._grad_views[i]
@@ -546,17 +666,45 @@ class VariationalAdam(torch.optim.Optimizer):
             for j, shard in shards.items():
                 _write_shard(shard, pieces[j].detach())
 
-    def _plain_step(self, params, shards, lr, betas, eps, weight_decay) -> None:
-        # A parameter that fully_shard() holds sharded: the optimizer's whole one takes the
-        # shards' values (a loaded model state dict may have changed them) and their averaged
-        # gradient, is updated as a whole, and its shards are written back after.
-        for p in params:
-            shard = shards.get(id(p))
-            if shard is not None:
-                p.copy_(shard.full_tensor())
-                p.grad = _full_grad(shard)
+    def _rows_step(self, i: int, salt: int, options: dict[str, Any]) -> None:
+        r"""The step of group ``i`` on this rank's rows (:mod:`fastbnf.optim.shards`): on the
+        gradients that FSDP has reduce-scattered and averaged into the samples' shards, with the
+        rows' noise offsets; the next sample goes into the shards, where FSDP gathers it from."""
+
+        shards, views = self._shards[i], self._grad_views[i]
+        for view, sample in zip(views, shards.samples):
+            if sample.grad is None:
+                view.zero_()
+            else:
+                view.copy_(sample.grad.to_local().reshape(-1))
+        self._steps[i] += 1
+        self._rng_states[i] = variational_adam_step(
+            self._grads[i],
+            shards.means,
+            shards.logvars,
+            self._exp_avgs[i],
+            self._exp_avg_sqs[i],
+            self._thetas[i],
+            self._rng_states[i],
+            self._steps[i],
+            prior=shards.prior,
+            salt=salt,
+            noise_offsets=shards.noise_offsets,
+            **options,
+        )
+        self._write_rows(i)
+
+    def _write_rows(self, i: int) -> None:
+        r"""Copies group ``i``'s flat sample of this rank's rows into the samples' shards."""
+
+        counts = [s.to_local().numel() for s in self._shards[i].samples]
+        for sample, rows in zip(self._shards[i].samples, self._thetas[i].split(counts)):
+            sample.to_local().copy_(rows.view_as(sample.to_local()))
+
+    def _plain_step(self, params, lr, betas, eps, weight_decay) -> None:
         with_grads = [p for p in params if p.grad is not None]
-        local = [p for p in with_grads if id(p) not in shards]
+        # FSDP's shards (DTensors) have their gradients averaged over the ranks already.
+        local = [p for p in with_grads if not is_dtensor(p)]
         if local and _data_parallel():
             flat = torch.cat([p.grad.reshape(-1) for p in local])
             _average(flat)
@@ -584,9 +732,6 @@ class VariationalAdam(torch.optim.Optimizer):
                 eps,
                 weight_decay,
             )
-        for p in params:
-            if id(p) in shards:
-                _write_shard(shards[id(p)], p.detach())
 
     def state_dict(self) -> dict[str, Any]:
         r"""Returns the optimizer's state: :class:`torch.optim.Optimizer`'s (the parameter
@@ -594,6 +739,7 @@ class VariationalAdam(torch.optim.Optimizer):
         group, Adam's flat moments of the means and log-variances, the current sample, its
         key and the count of steps (the posterior itself is the model's state dict)."""
 
+        self._follow_sharding()  # the state of this rank's rows, once the samples are cut
         state = super().state_dict()
         state["posterior"] = {
             "exp_avgs": [m.clone() for m in self._exp_avgs],
@@ -608,6 +754,7 @@ class VariationalAdam(torch.optim.Optimizer):
         r"""Loads a state from :meth:`state_dict`, after checking all of it: a state dict of
         another model or optimizer, or a truncated one, raises and changes nothing."""
 
+        self._follow_sharding()
         problems = self._misfits(state_dict)
         if problems:
             raise ValueError(
@@ -630,6 +777,9 @@ class VariationalAdam(torch.optim.Optimizer):
             for pieces, shards in zip(self._pieces, self._sharded_samples()):
                 for j, shard in shards.items():
                     _write_shard(shard, pieces[j].detach())
+            for i, rows in enumerate(self._shards):
+                if rows is not None:
+                    self._write_rows(i)
         self._rng_states = [
             r.to(mine.device, copy=True)
             for r, mine in zip(posterior["rng_state"], self._rng_states)
