@@ -6,9 +6,12 @@ between steps, after one step of a Bayesian MLP (4 layers of 512, every paramete
 - ``tutorial``: zuko's loop with ``fully_shard(bm)`` (as ``examples/fsdp_train.py``) and
   ``torch.optim.Adam`` on the model's parameters: the posterior, its moments and the frozen
   weights are DTensors, 1 / W per rank;
-- ``variational-adam``: :class:`fastbnf.optim.VariationalAdam` with ``fully_shard(bm.base)``, the
-  way it shards: the base's samples are DTensors, but the posterior, its moments, the flat
-  sample and its gradient stay whole on every rank.
+- ``variational-adam``: :class:`fastbnf.optim.VariationalAdam` with ``fully_shard(bm.base)``: the
+  base's samples are DTensors, and the optimizer keeps the posterior, its moments, the flat
+  sample and its gradient in the samples' rows (:mod:`fastbnf.optim.shards`), and so the base
+  model's frozen weights that it keeps for the model's state dict: 1 / W per rank;
+- ``variational-adam, keep_base_weights=False``: the same without frozen weights (the model's
+  base weights are its means).
 
 Byte counts, not timings: one run says all. Writes ``benchmarks/results/<name>.{md,json}``::
 
@@ -65,10 +68,18 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer, bm=None) -> None:
     optimizer.zero_grad()
 
 
+MODES = ("tutorial", "variational-adam", "variational-adam, keep_base_weights=False")
+
+
 def measure(mode: str, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     # VariationalAdam under FSDP needs the same sample on every rank (fold_rank=False).
-    bm = fastbnf.BayesianModel(mlp(), init_logvar=-9.0, fold_rank=mode == "tutorial")
+    bm = fastbnf.BayesianModel(
+        mlp(),
+        init_logvar=-9.0,
+        fold_rank=mode == "tutorial",
+        keep_base_weights=not mode.endswith("keep_base_weights=False"),
+    )
     if mode == "tutorial":
         fully_shard(bm, mesh=mesh)  # as examples/fsdp_train.py
         optimizer = torch.optim.Adam(bm.parameters(), lr=1e-3)
@@ -79,6 +90,7 @@ def measure(mode: str, world: int) -> dict:
             "moments": local_bytes(moments),
             "flat sample and gradient": 0,  # drawn in each step's graph, freed after its backward
             "base model": local_bytes(bm.base.parameters()),  # the frozen weights
+            "frozen weights kept by the optimizer": 0,
         }
     else:
         optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-3)
@@ -87,12 +99,18 @@ def measure(mode: str, world: int) -> dict:
                 fully_shard(layer, mesh=mesh)
         fully_shard(bm.base, mesh=mesh)
         step(bm.base, optimizer)
-        # The optimizer's flat buffers (internal): the sample, its gradient, the two moments.
+        # The optimizer's flat buffers (internal): the sample, its gradient, the two moments;
+        # and the base model's weights that its slots keep (none where they are the means).
+        posterior = [*bm.means.values(), *bm.logvars.values()]
+        held = bm._slots.held.originals.values()
         parts = {
-            "posterior": local_bytes([*bm.means.values(), *bm.logvars.values()]),
+            "posterior": local_bytes(posterior),
             "moments": local_bytes([*optimizer._exp_avgs, *optimizer._exp_avg_sqs]),
             "flat sample and gradient": local_bytes([*optimizer._thetas, *optimizer._grads]),
             "base model": local_bytes(bm.base.parameters()),  # the samples' shards
+            "frozen weights kept by the optimizer": local_bytes(
+                [w for w in held if not any(w is p for p in posterior)]
+            ),
         }
     return parts
 
@@ -100,7 +118,7 @@ def measure(mode: str, world: int) -> dict:
 def rank_main(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    rows = {mode: measure(mode, world) for mode in ("tutorial", "variational-adam")}
+    rows = {mode: measure(mode, world) for mode in MODES}
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -129,10 +147,11 @@ def main() -> None:
         f"- Model: MLP of {DEPTH} layers of {WIDTH}, every parameter Bayesian, float32; one step,"
         " gloo ranks on the CPU. Bytes of rank 0 (the largest shard), MiB.",
         "",
-        "| mode | W | posterior | moments | flat sample and gradient | base model | total |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | W | posterior | moments | flat sample and gradient | base model |"
+        " frozen weights kept by the optimizer | total |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for mode in ("tutorial", "variational-adam"):
+    for mode in MODES:
         for w, ranks in worlds.items():
             parts = ranks[0][mode]
             cells = " | ".join(f"{v / mib:.2f}" for v in parts.values())
@@ -140,9 +159,10 @@ def main() -> None:
     lines += [
         "",
         "The base model's column holds the frozen weights in the tutorial loop and the samples'"
-        " shards that FSDP gathers under `VariationalAdam`. The tutorial loop stores 1 / W of"
-        " everything; `VariationalAdam` stores 1 / W of the base model only: its posterior,"
-        " moments, flat sample and gradient stay whole on every rank.",
+        " shards that FSDP gathers under `VariationalAdam`, which keeps the posterior, its"
+        " moments, the flat sample and its gradient in the samples' rows, and the frozen weights"
+        " that it keeps for the model's state dict too: all 1 / W per rank."
+        " `keep_base_weights=False` has no frozen weights.",
     ]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
