@@ -214,6 +214,8 @@ def _noise(
     kernels' noise to compare the maths)."""
 
     out = torch.empty(shape, dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
     if ranges == [(0, stream.numel)]:  # the whole group: its samples follow each other
         stream.fill(out.view(-1), 0)
         return out
