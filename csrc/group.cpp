@@ -166,6 +166,15 @@ at::Tensor check_rng_state(const char* op, const at::Tensor& rng_state, const Gr
   return rng_state.contiguous();
 }
 
+at::Tensor check_step_tensor(const char* op, const at::Tensor& step_tensor, const Group& group) {
+  FASTBNF_CHECK_VALUE(step_tensor.scalar_type() == at::kLong && step_tensor.numel() == 1 &&
+                          step_tensor.device() == group.device,
+                      op, ": step_tensor must be an int64 tensor of one element on ", group.device,
+                      ", got ", step_tensor.scalar_type(), " of shape ", step_tensor.sizes(),
+                      " on ", step_tensor.device());
+  return step_tensor.contiguous();
+}
+
 namespace {
 
 const char* python_bool(bool value) { return value ? "True" : "False"; }

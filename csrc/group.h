@@ -77,6 +77,10 @@ void check_grad_kl(const char* op, const at::Tensor& grad_kl, const Group& group
 // rng_state: int64 (seed, offset) on the group's device, contiguous.
 at::Tensor check_rng_state(const char* op, const at::Tensor& rng_state, const Group& group);
 
+// step_tensor: the count of a capturable step, one int64 element on the group's device; its
+// value is not checked (that would read the device).
+at::Tensor check_step_tensor(const char* op, const at::Tensor& step_tensor, const Group& group);
+
 // The state that a fused Adam step (fastbnf::adam_step) updates in place: the means and
 // log-variances (of the group's dtype and contiguous, so that the kernel writes the caller's
 // tensors, not copies), exp_avgs and exp_avg_sqs ((2 N,) of the group's dtype: the means' moments,

@@ -33,4 +33,5 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
                             std::optional<at::TensorList> prior_means, int64_t salt,
-                            std::optional<at::IntArrayRef> noise_offsets);
+                            std::optional<at::IntArrayRef> noise_offsets,
+                            const std::optional<at::Tensor>& step_tensor);

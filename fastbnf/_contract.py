@@ -23,6 +23,7 @@ __all__ = [
     "check_out_dtype",
     "check_rng_state",
     "check_samples",
+    "check_step_tensor",
     "compute_dtype",
     "make_group",
 ]
@@ -213,6 +214,21 @@ def check_grad_kl(op: str, grad_kl: Tensor, group: Group) -> None:
         raise ValueError(
             f"{op}: grad_kl must hold one element on {group.device}, got shape "
             f"{_shape(grad_kl)} on {grad_kl.device}"
+        )
+
+
+def check_step_tensor(op: str, step_tensor: Tensor, group: Group) -> None:
+    r"""Checks ``step_tensor``: the count of a capturable step, one int64 element on the
+    group's device (its value is not checked: that would read the device)."""
+
+    if not (
+        step_tensor.dtype == torch.int64
+        and step_tensor.numel() == 1
+        and step_tensor.device == group.device
+    ):
+        raise ValueError(
+            f"{op}: step_tensor must be an int64 tensor of one element on {group.device}, "
+            f"got {step_tensor.dtype} of shape {_shape(step_tensor)} on {step_tensor.device}"
         )
 
 

@@ -45,6 +45,7 @@ from ._contract import (
     check_out_dtype,
     check_rng_state,
     check_samples,
+    check_step_tensor,
     compute_dtype,
     make_group,
 )
@@ -456,11 +457,12 @@ def adam_step(
     prior_means: Sequence[Tensor] | None = None,
     salt: int = 0,
     noise_offsets: Sequence[int] | None = None,
+    step_tensor: Tensor | None = None,
 ) -> Tensor:
     r"""Takes one variational Adam step of a group in place and draws its next sample into
     ``theta``: :func:`sample_backward`'s gradients with ``grad_kl = kl_weight``, then
     :func:`adam_posterior_update`, then :func:`sample`, the noise of both where
-    ``noise_offsets`` place the tensors.
+    ``noise_offsets`` place the tensors, and the count ``step_tensor``'s where it is given.
 
     See :mod:`fastbnf.ops.library` for the contract.
 
@@ -475,6 +477,9 @@ def adam_step(
         op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step
     )
     check_rng_state(op, rng_state, group)
+    if step_tensor is not None:
+        check_step_tensor(op, step_tensor, group)
+        step = int(step_tensor)  # read on the host: the twin is not capturable
     # AdamW's maths is the optimizer's; a function-level import, since fastbnf.optim imports
     # the model, which imports the ops, which import this module.
     from .optim.adamw import adam_posterior_update

@@ -7,12 +7,14 @@ scalar paths on many small odd-sized tensors (against float64 formulas from the 
 KL that does not depend on the grid; the device-table cache across streams and under CUDA
 graph capture (a training step captured without a warm-up, then eager calls); the domain
 separation of fastbnf's Philox key from torch.randn's; a group of more than 2^31 elements; the
-Adam step of row shards at their noise offsets (the vector and scalar paths at any shift).
+Adam step of row shards at their noise offsets (the vector and scalar paths at any shift); the
+capturable Adam step (its count in a step_tensor, read on the device), eager and in a CUDA graph.
 
 Everything here needs a GPU and the CUDA kernels, and skips cleanly without them.
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -417,6 +419,156 @@ def _split(tensors, count):
     r"""``[*means, *logvars, exp_avgs, exp_avg_sqs, theta]`` as adam_step_kernel's arguments."""
 
     return tensors[:count], tensors[count : 2 * count], *tensors[2 * count :]
+
+
+# --------------------------------------------------------------------------------------------
+# The capturable Adam step: step_tensor
+
+_ADAM = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, kl_weight=0.3)
+# A group with a 4-aligned flat length, vector-readable tensors and scalar ones.
+_ADAM_SHAPES = ((7, 3), (129,), (64, 33), (100, 8), (3,))
+
+
+def _adam_state(dtype, seed=7):
+    r"""``[*means, *logvars, exp_avgs, exp_avg_sqs, theta]`` of a group, non-zero moments, and
+    the rng_state of its sample theta."""
+
+    means, logvars = make_group(dtype, shapes=_ADAM_SHAPES, seed=seed, lv_range=(-5.0, 0.0))
+    n = sum(m.numel() for m in means)
+    assert n % 4 == 0
+    generator = torch.Generator().manual_seed(seed)
+    exp_avgs = (0.1 * torch.randn(2 * n, generator=generator)).to("cuda", dtype)
+    exp_avg_sqs = (0.01 * torch.rand(2 * n, generator=generator)).to("cuda", dtype)
+    torch.cuda.manual_seed(seed)
+    theta, _, rng_state = K.sample_kernel(means, logvars, None, None, False, 1.0, None, None, 0)
+    return [*means, *logvars, exp_avgs, exp_avg_sqs, theta], rng_state
+
+
+def _adam_call(state, grad, rng_state, step, step_tensor=None):
+    r"""One adam_step_kernel call on ``state`` (updated in place); the next rng_state."""
+
+    means, logvars, exp_avgs, exp_avg_sqs, theta = _split(state, len(_ADAM_SHAPES))
+    a = _ADAM
+    return K.adam_step_kernel(
+        grad, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state, step, a["lr"],
+        a["beta1"], a["beta2"], a["eps"], a["weight_decay"], a["kl_weight"], 1.0, None, None,
+        0, None, step_tensor,
+    )  # fmt: skip
+
+
+def _device_powers_are_the_hosts(t):
+    r"""Whether the bias corrections of count t that a capturable step computes on the device
+    are the host's: the device's powers are correctly rounded (beta^t by squaring in
+    double-double, y^0.5 as sqrt; csrc/common/adam_math.h), the host's those of the C library's
+    pow (which Python's math.pow calls too), within 0.52 ulp and so not always correctly
+    rounded. Where they differ a capturable step differs from an eager one in the last bit."""
+
+    beta1, beta2 = _ADAM["beta1"], _ADAM["beta2"]
+    host1, host2 = math.pow(beta1, t), math.pow(beta2, t)
+    exact1, exact2 = float(Fraction(beta1) ** t), float(Fraction(beta2) ** t)  # rounded once
+    return (
+        host1 == exact1
+        and host2 == exact2
+        and math.pow(1.0 - host2, 0.5) == math.sqrt(1.0 - host2)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t", [1, 2, 7])
+def test_step_tensor_step_is_the_step_of_its_count(t, dtype):
+    r"""adam_step_kernel with step_tensor holding t (and a host step it ignores) gives, bit for
+    bit, the means, log-variances, moments, theta and next rng_state of the call with step=t:
+    the scalars of the count computed on the device are the host's (for these betas and counts
+    the device's powers and the host's pow agree, which the test checks first)."""
+
+    assert _device_powers_are_the_hosts(t)
+    state, rng_state = _adam_state(dtype)
+    generator = torch.Generator().manual_seed(8)
+    grad = torch.randn(state[-1].numel(), generator=generator).to("cuda", dtype)
+    step_tensor = torch.tensor(t, device="cuda")
+    runs = []
+    for with_tensor in (False, True):
+        ours = [x.clone() for x in state]
+        torch.cuda.manual_seed(21)  # the next key
+        if with_tensor:
+            next_state = _adam_call(ours, grad, rng_state, 100, step_tensor)
+        else:
+            next_state = _adam_call(ours, grad, rng_state, t)
+        runs.append([*ours, next_state])
+    for index, (eager, capturable) in enumerate(zip(*runs)):
+        assert torch.equal(eager, capturable), index
+    assert step_tensor.item() == t  # read, not written
+    # The step changed everything (the same scalars were not merely left alone).
+    assert not any(torch.equal(x, y) for x, y in zip(state, runs[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_captured_step_tensor_steps_equal_eager_ones(dtype):
+    r"""Adam steps captured in a CUDA graph, the count incremented in place before each call and
+    the key copied in place after it: each replay steps with the counts that the tensor holds
+    then and fresh keys (the generator's graph-safe offset advances per replay), so that R
+    replays equal, bit for bit, R times the same calls made eagerly from the same state and the
+    same CUDA generator state, and leave the generator where the eager calls leave it."""
+
+    calls, replays, start = 3, 4, 2  # counts 3, 4, ..., 14
+    state, first = _adam_state(dtype)
+    generator = torch.Generator().manual_seed(9)
+    n = state[-1].numel()
+    grads = [torch.randn(n, generator=generator).to("cuda", dtype) for _ in range(calls)]
+
+    def run(tensors, rng_state, count):
+        for grad in grads:
+            count.add_(1)
+            next_state = _adam_call(tensors, grad, rng_state, 1, count)
+            rng_state.copy_(next_state)
+
+    def reset(tensors, rng_state, count):
+        for x, x0 in zip(tensors, state):
+            x.copy_(x0)
+        rng_state.copy_(first)
+        count.fill_(start)
+
+    static = [x.clone() for x in state]
+    static_rng, static_count = first.clone(), torch.full((1,), start, device="cuda")
+    # Warm up on a side stream (PyTorch's CUDA graphs docs), then capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(static, static_rng, static_count)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static, static_rng, static_count)
+    reset(static, static_rng, static_count)  # in place: the graph reads these tensors
+
+    torch.cuda.manual_seed(33)
+    replayed = []
+    for _ in range(replays):
+        graph.replay()
+        replayed.append([x.clone() for x in (*static, static_rng, static_count)])
+    rng_after_replays = torch.cuda.get_rng_state()
+
+    eager = [x.clone() for x in state]
+    eager_rng, eager_count = first.clone(), torch.full((1,), start, device="cuda")
+    torch.cuda.manual_seed(33)
+    for r in range(replays):
+        run(eager, eager_rng, eager_count)
+        for index, (got, expected) in enumerate(
+            zip(replayed[r], (*eager, eager_rng, eager_count))
+        ):
+            assert torch.equal(got, expected), (r, index)
+    assert torch.equal(torch.cuda.get_rng_state(), rng_after_replays)
+    assert eager_count.item() == start + calls * replays
+    # Each replay drew fresh keys and stepped on.
+    assert not torch.equal(replayed[0][-2], replayed[1][-2])
+    assert not torch.equal(replayed[0][0], replayed[1][0])
+
+
+def test_step_tensor_on_the_host_is_refused():
+    state, rng_state = _adam_state(torch.float32)
+    grad = torch.zeros_like(state[-1])
+    with pytest.raises(ValueError, match="step_tensor must be an int64 tensor of one element"):
+        _adam_call(state, grad, rng_state, 1, torch.tensor(1))
 
 
 # --------------------------------------------------------------------------------------------

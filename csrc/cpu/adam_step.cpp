@@ -197,13 +197,15 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
                             std::optional<at::TensorList> prior_means, int64_t salt,
-                            std::optional<at::IntArrayRef> noise_offsets) {
+                            std::optional<at::IntArrayRef> noise_offsets,
+                            const std::optional<at::Tensor>& step_tensor) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior = prior_args(prior_var, prior_vars, prior_means);
   const Group g = make_group(op, means, logvars, &prior, noise_offsets);
   const at::Tensor grad =
       check_adam_step(op, g, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
   const at::Tensor state = check_rng_state(op, rng_state, g);
+  if (step_tensor) step = check_step_tensor(op, *step_tensor, g).item<int64_t>();
   const uint64_t seed = draw_seed(salt);
   at::Tensor next_state = make_rng_state(seed);
 

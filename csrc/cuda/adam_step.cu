@@ -14,6 +14,13 @@ namespace fastbnf {
 namespace cuda {
 namespace {
 
+// The scalars of a capturable step that depend on its count (adam::step_terms), rounded to each
+// compute type: written by adam_step_scalars_kernel, read by every thread of adam_step_kernel.
+struct StepScalars {
+  double bias2_sqrt_d, neg_step_size_d;
+  float bias2_sqrt_f, neg_step_size_f;
+};
+
 struct AdamParams {
   Common c;
   const void* grad;
@@ -27,6 +34,8 @@ struct AdamParams {
   int32_t flat_vec;  // grad, theta and the moments readable 4 at a time (and N % 4 == 0)
   adam::Scalars<float> means_f, logvars_f;
   adam::Scalars<double> means_d, logvars_d;
+  // A capturable step's: they replace the bias2_sqrt and neg_step_size above. Null otherwise.
+  const StepScalars* step_scalars;
 };
 
 template <typename S>
@@ -37,6 +46,39 @@ __device__ __forceinline__ const adam::Scalars<S>& pick(const adam::Scalars<floa
   } else {
     return d;
   }
+}
+
+// A capturable step's scalars in the compute type S, as adam::scalars<S> rounds them.
+template <typename S>
+__device__ __forceinline__ void step_scalars(const StepScalars* st, S& bias2_sqrt,
+                                             S& neg_step_size) {
+  if constexpr (std::is_same_v<S, float>) {
+    bias2_sqrt = st->bias2_sqrt_f;
+    neg_step_size = st->neg_step_size_f;
+  } else {
+    bias2_sqrt = st->bias2_sqrt_d;
+    neg_step_size = st->neg_step_size_d;
+  }
+}
+
+// The scalars of a capturable step (AdamArgs::step): adam::step_terms of the count that the
+// step reads from device memory when it runs (in a CUDA graph, the count of each replay), the
+// formulas of the host's adam::scalars in double, kept and rounded to float as adam::scalars
+// rounds them. One thread, on the stream before the step, rather than double arithmetic in
+// every thread of the float step kernels (which do none, .ci/check_kernel_resources.py). Its
+// powers may differ from the host's pow by an ulp of a double (adam_math.h, detail::pow_count):
+// a capturable step can then differ from an eager one of the same count in the last bit, the
+// same on every replay. D: the arithmetic, double (the template argument by which the resource
+// check tells fp64 kernels).
+template <typename D>
+__global__ void adam_step_scalars_kernel(const int64_t* step, D lr, D beta1, D beta2,
+                                         StepScalars* out) {
+  static_assert(std::is_same_v<D, double>, "adam::step_terms computes in double");
+  const adam::StepTerms t = adam::step_terms(lr, beta1, beta2, *step);
+  out->bias2_sqrt_d = t.bias2_sqrt;
+  out->neg_step_size_d = t.neg_step_size;
+  out->bias2_sqrt_f = static_cast<float>(t.bias2_sqrt);
+  out->neg_step_size_f = static_cast<float>(t.neg_step_size);
 }
 
 // A value rounded to the stored type T, back in the compute type.
@@ -56,8 +98,11 @@ constexpr int kAdamMinBlocks = 2;
 // current and next samples' noise (at the elements' places in the stream: their flat indices,
 // shifted for shards), the gradients as backward_kernel forms them (rounded to T as its
 // outputs are), AdamW on the means, log-variances and moments (adam_math.h), the next theta.
-// One quad at a time per thread.
-template <typename T, typename O>
+// One quad at a time per thread. kCapturable: a capturable step's kernel, whose scalars of the
+// count come from adam_step_scalars_kernel (AdamParams::step_scalars); an instantiation of its
+// own, so that the eager step's kernel stays as it was (the capturable one holds two more
+// values in registers: the fp64 kernels spill a few more bytes).
+template <typename T, typename O, bool kCapturable>
 __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(const AdamParams p) {
   using S = typename Traits<T>::S;
   using M = DeviceMath;
@@ -68,8 +113,16 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
   }
   const uint64_t key = philox_key(static_cast<uint64_t>(p.rng_state[0]));
   const uint64_t offset = static_cast<uint64_t>(p.rng_state[1]);
-  const adam::Scalars<S> a_mu = pick<S>(p.means_f, p.means_d);
-  const adam::Scalars<S> a_lv = pick<S>(p.logvars_f, p.logvars_d);
+  adam::Scalars<S> a_mu = pick<S>(p.means_f, p.means_d);
+  adam::Scalars<S> a_lv = pick<S>(p.logvars_f, p.logvars_d);
+  if constexpr (kCapturable) {
+    // The scalars of the step's count, once per thread (the means' and the log-variances' are
+    // the same: the weight decay enters neither).
+    S bias2_sqrt, neg_step_size;
+    step_scalars(p.step_scalars, bias2_sqrt, neg_step_size);
+    a_mu.bias2_sqrt = a_lv.bias2_sqrt = bias2_sqrt;
+    a_mu.neg_step_size = a_lv.neg_step_size = neg_step_size;
+  }
   const S gk = static_cast<S>(p.kl_weight);
   const int64_t n = p.c.numel;
   // The flat arrays, read from the parameter space where used (fewer live registers).
@@ -252,6 +305,8 @@ __global__ void __launch_bounds__(kThreads, kAdamMinBlocks) adam_step_kernel(con
 
 }  // namespace
 
+size_t adam_step_workspace_bytes() { return sizeof(StepScalars); }
+
 cudaError_t launch_adam_step(const AdamArgs& args, cudaStream_t stream) {
   AdamParams p{};
   p.c = common(args.table, args.num_tensors, args.numel);
@@ -272,12 +327,22 @@ cudaError_t launch_adam_step(const AdamArgs& args, cudaStream_t stream) {
   p.logvars_f = args.logvars_f;
   p.means_d = args.means_d;
   p.logvars_d = args.logvars_d;
+  if (args.step != nullptr) {
+    auto* scalars = static_cast<StepScalars*>(args.step_workspace);
+    adam_step_scalars_kernel<double>
+        <<<1, 1, 0, stream>>>(args.step, args.lr, args.beta1, args.beta2, scalars);
+    p.step_scalars = scalars;
+  }
   // No tile still takes one block: it writes the next key.
   dispatch_dtype(args.dtype, [&](auto t_tag) {
     using T = decltype(t_tag);
     dispatch_narrow<T>(args.dtype, args.out_dtype, [&](auto o_tag) {
       using O = decltype(o_tag);
-      launch(&adam_step_kernel<T, O>, p.c.num_tiles, p, stream);
+      if (p.step_scalars != nullptr) {
+        launch(&adam_step_kernel<T, O, true>, p.c.num_tiles, p, stream);
+      } else {
+        launch(&adam_step_kernel<T, O, false>, p.c.num_tiles, p, stream);
+      }
     });
   });
   return cudaSuccess;

@@ -235,7 +235,8 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
                             double beta2, double eps, double weight_decay, double kl_weight,
                             double prior_var, std::optional<at::ArrayRef<double>> prior_vars,
                             std::optional<at::TensorList> prior_means, int64_t salt,
-                            std::optional<at::IntArrayRef> noise_offsets) {
+                            std::optional<at::IntArrayRef> noise_offsets,
+                            const std::optional<at::Tensor>& step_tensor) {
   constexpr const char* op = "fastbnf::adam_step";
   const PriorArgs prior{prior_var, prior_vars, prior_means};
   const Group group = make_group(op, means, logvars, &prior, noise_offsets);
@@ -243,9 +244,11 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
       check_adam_step(op, group, means, logvars, grad_theta, exp_avgs, exp_avg_sqs, theta, step);
   const at::Tensor state = check_rng_state(op, rng_state, group);
   check_cuda(op, group);
+  // A capturable step: the count is read on the device when the step runs, never here.
+  const at::Tensor count = step_tensor ? check_step_tensor(op, *step_tensor, group) : at::Tensor();
   const c10::cuda::CUDAGuard guard(group.device);
-  at::Tensor next_state =
-      at::empty({2}, at::TensorOptions().device(group.device).dtype(at::kLong));
+  const auto options = at::TensorOptions().device(group.device);
+  at::Tensor next_state = at::empty({2}, options.dtype(at::kLong));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AdamArgs args;
@@ -268,6 +271,18 @@ at::Tensor adam_step_kernel(const at::Tensor& grad_theta, at::TensorList means,
   args.logvars_f = adam::scalars<float>(logvars_hyper);
   args.means_d = adam::scalars<double>(means_hyper);
   args.logvars_d = adam::scalars<double>(logvars_hyper);
+  at::Tensor step_workspace;
+  if (count.defined()) {
+    // The scalars of the count, computed on the device into the workspace (the stream's
+    // allocation: the step's kernels use it before any later work of the stream can reuse it).
+    step_workspace =
+        at::empty({static_cast<int64_t>(adam_step_workspace_bytes())}, options.dtype(at::kByte));
+    args.step = count.data_ptr<int64_t>();
+    args.lr = lr;
+    args.beta1 = beta1;
+    args.beta2 = beta2;
+    args.step_workspace = step_workspace.data_ptr();
+  }
   C10_CUDA_CHECK(launch_adam_step(args, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return next_state;

@@ -85,16 +85,28 @@ struct AdamArgs {
   double kl_weight = 0.0;
   adam::Scalars<float> means_f, logvars_f;   // the update's scalars, for float arithmetic
   adam::Scalars<double> means_d, logvars_d;  // and for double
+  // A capturable step (step_tensor): the device count of the step (this one included, >= 1),
+  // read when the launch runs, not when it is enqueued (a CUDA graph replays the count of each
+  // replay). The scalars that depend on it (bias2_sqrt, neg_step_size) are then computed on the
+  // device from it and lr, beta1, beta2 (adam::step_terms) into step_workspace
+  // (adam_step_workspace_bytes() bytes of device memory) and replace those above; the others
+  // do not depend on the step. Null: the scalars above, as given.
+  const int64_t* step = nullptr;
+  double lr = 0.0, beta1 = 0.0, beta2 = 0.0;
+  void* step_workspace = nullptr;
 };
 
 // Bytes of the forward's workspace: the reduction's counter and one double per tile.
 size_t forward_workspace_bytes(int64_t numel);
 // Bytes at the start of the workspace that must be zero before a launch that computes the KL.
 size_t forward_workspace_zero_bytes();
+// Bytes of the workspace of a capturable Adam step (AdamArgs::step): its scalars.
+size_t adam_step_workspace_bytes();
 
-// Enqueue on stream (one kernel; the forward with a KL also a memset of the counter); return the
-// error of the non-kernel calls (the caller checks the launch). launch_forward and
-// launch_backward are posterior_kernels.cu's, launch_adam_step is adam_step.cu's.
+// Enqueue on stream (one kernel; the forward with a KL also a memset of the counter, a capturable
+// Adam step first the one-thread kernel of its scalars); return the error of the non-kernel
+// calls (the caller checks the launches). launch_forward and launch_backward are
+// posterior_kernels.cu's, launch_adam_step is adam_step.cu's.
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream);
 cudaError_t launch_adam_step(const AdamArgs& args, cudaStream_t stream);

@@ -29,7 +29,7 @@ prior_vars, prior_means)``
     the flat ``exp(softclip(logvar, 18))``, for the local reparameterization trick.
 ``adam_step(grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state, step, lr,
 beta1, beta2, eps, weight_decay, kl_weight, prior_var, prior_vars, prior_means, salt,
-noise_offsets)``
+noise_offsets, step_tensor)``
     one step of :class:`fastbnf.optim.VariationalAdam` in place, and returns the
     ``rng_state`` of the next sample. With ``eps`` regenerated from ``rng_state`` and
     ``grad_theta`` the ``(N,)`` gradient of the data loss with respect to the sample ``theta``
@@ -42,8 +42,10 @@ noise_offsets)``
     the tensors in the noise stream: element ``e`` of tensor ``t`` draws the noise of flat
     index ``noise_offsets[t] + e`` (by default the tensor's offset in the group), so that
     shards of a group, each stepped on its own rank, draw their slices of the whole group's
-    noise. This kernel op has no public op in front of it: the optimizer calls it, or its
-    twin, directly.
+    noise. ``step_tensor``, a one-element int64 tensor on the group's device, holds the step
+    count in place of ``step`` (the capturable step: the CUDA kernel reads it on the device,
+    so that a CUDA graph replays the step with the count of each replay). This kernel op has
+    no public op in front of it: the optimizer calls it, or its twin, directly.
 
 The prior of tensor t is ``N(m_t, v_t)`` with ``v_t = prior_vars[t]`` (or ``prior_var``) and
 ``m_t = prior_means[t]`` (or 0). Every backend checks the same input contract (dtypes, shapes,
@@ -79,7 +81,7 @@ SCHEMAS: dict[str, str] = {
         "(Tensor grad_theta, Tensor(a!)[] means, Tensor(b!)[] logvars, Tensor(c!) exp_avgs, "
         "Tensor(d!) exp_avg_sqs, Tensor(e!) theta, Tensor rng_state, int step, float lr, "
         f"float beta1, float beta2, float eps, float weight_decay, float kl_weight, {_PRIOR}, "
-        "int salt, int[]? noise_offsets=None) -> Tensor next_rng_state"
+        "int salt, int[]? noise_offsets=None, Tensor? step_tensor=None) -> Tensor next_rng_state"
     ),
 }
 

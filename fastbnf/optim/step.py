@@ -31,6 +31,7 @@ def variational_adam_step(
     salt: int = 0,
     average: Callable[[Tensor], None] | None = None,
     noise_offsets: Sequence[int] | None = None,
+    step_tensor: Tensor | None = None,
 ) -> Tensor:
     r"""Takes one variational Adam step of a group and draws its next sample into ``theta``.
 
@@ -70,6 +71,9 @@ def variational_adam_step(
         noise_offsets: Per tensor, the index of its first element in the noise stream: for
             shards of a group (a rank's rows of each tensor), their places in the whole group,
             so that the rank draws its slice of the whole group's noise. Not with ``average``.
+        step_tensor: The step count on the group's device, a one-element int64 tensor, read
+            there in place of ``step`` (the capturable step of a CUDA graph: each replay reads
+            the count it holds then). Not with ``average``.
 
     Returns:
         The ``(seed, offset)`` pair the next sample was drawn from.
@@ -83,11 +87,11 @@ def variational_adam_step(
     if average is None:
         hyper = (step, lr, beta1, beta2, eps, weight_decay, kl_weight)
         args = (grad_theta, means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state)
-        return run("adam_step", device, *args, *hyper, *prior, salt, noise_offsets)
-    if noise_offsets is not None:
+        return run("adam_step", device, *args, *hyper, *prior, salt, noise_offsets, step_tensor)
+    if noise_offsets is not None or step_tensor is not None:
         raise ValueError(
-            "variational_adam_step: noise_offsets (shards) and average (each rank's own noise) "
-            "exclude each other."
+            "variational_adam_step: noise_offsets (shards) and step_tensor (capturable) exclude "
+            "average (each rank's own noise, averaged on the host's count)."
         )
 
     # A fill, not a copy from the host: no transfer on a GPU.
