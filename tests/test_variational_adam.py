@@ -298,7 +298,7 @@ def test_bad_arguments_change_nothing(backend):
         variational_adam_step(*args, noise_offsets=[0])
     with pytest.raises(ValueError, match=r"noise_offsets\[2\] must be >= 0, got -3"):
         variational_adam_step(*args, noise_offsets=[0, 48, -3, 64])
-    with pytest.raises(ValueError, match="noise_offsets .* and average .* exclude each other"):
+    with pytest.raises(ValueError, match=r"noise_offsets \(shards\) .* exclude average"):
         variational_adam_step(*args, noise_offsets=[0, 48, 64, 80], average=lambda flat: None)
     for p, b in zip([*means, *logvars], before):
         assert torch.equal(p, b)
@@ -640,6 +640,126 @@ def test_optimizer_on_cuda_equals_zukos_loop():
     for key in theirs.means:
         torch.testing.assert_close(ours.means[key], theirs.means[key], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ours.logvars[key], theirs.logvars[key], rtol=1e-9, atol=1e-12)
+
+
+def capturable_run(device, capturable, steps=4):
+    r"""A trained model with a non-Bayesian parameter, its optimizer, and its state dict taken
+    mid-way and at the end."""
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    bm = fastbnf.BayesianModel(base.to(device), init_logvar=-4.0, exclude_params=["2.bias"])
+    optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3, capturable=capturable)
+    x = torch.randn(8, 3, device=device)
+    y = torch.randn(8, 2, device=device)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (bm.base(x) - y).square().mean().backward()
+        optimizer.step()
+    return bm, optimizer
+
+
+def test_a_capturable_step_is_the_eager_step(backend):
+    r"""On the CPU, capturable=True keeps the counts as tensors and the keys in place, and takes
+    the same steps."""
+
+    eager_bm, eager = capturable_run("cpu", False)
+    bm, optimizer = capturable_run("cpu", True)
+    assert_same(snapshot(bm, optimizer), snapshot(eager_bm, eager))
+    key = optimizer._rng_states[0]
+    assert torch.equal(optimizer._step_tensors[0], torch.tensor(4))
+    # A resumed optimizer takes the counts and keys into its own tensors, in place.
+    state = copy.deepcopy(optimizer.state_dict())
+    assert state["posterior"]["step"] == [4]
+    optimizer.step()
+    assert optimizer._rng_states[0] is key and optimizer._step_counts() == [5]
+    optimizer.load_state_dict(state)
+    assert optimizer._rng_states[0] is key and int(optimizer._step_tensors[0]) == 4
+    assert torch.equal(key, state["posterior"]["rng_state"][0])
+
+    fresh, _ = twins(torch.float64)
+    with pytest.raises(TypeError, match="capturable must be a bool, got 1"):
+        VariationalAdam(fresh, capturable=1)
+    assert fresh._slots.held is None
+
+
+def test_the_step_tensor_is_the_step(backend):
+    ours, _ = twins(torch.float64)
+    (group,) = ours._posterior.groups()
+    runs = []
+    for count in (None, torch.tensor(3)):
+        means = [m.detach().clone() for m in group.means]
+        logvars = [v.detach().clone() for v in group.logvars]
+        exp_avgs, exp_avg_sqs = flat_moments(means)
+        exp_avgs.fill_(0.1)
+        exp_avg_sqs.fill_(0.2)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            theta, _, rng_state = ops.sample(means, logvars)
+        next_state = variational_adam_step(
+            torch.sin(theta), means, logvars, exp_avgs, exp_avg_sqs, theta, rng_state,
+            3 if count is None else 1, lr=0.1, step_tensor=count,
+        )  # fmt: skip
+        runs.append([*means, *logvars, exp_avgs, exp_avg_sqs, theta, next_state])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+    args = (theta, group.means, group.logvars, exp_avgs, exp_avg_sqs, theta, rng_state, 1)
+    for bad, shape in ((torch.tensor([1, 2]), r"\(2,\)"), (torch.tensor(1.0), r"\(\)")):
+        with pytest.raises(
+            ValueError, match=rf"step_tensor must be an int64 tensor of one .*{shape}"
+        ):
+            variational_adam_step(*args, step_tensor=bad)
+    with pytest.raises(ValueError, match="exclude average"):
+        variational_adam_step(*args, step_tensor=torch.tensor(1), average=lambda flat: None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("cuda")),
+    reason="no CUDA GPU and kernel",
+)
+def test_a_whole_training_step_replays_as_a_cuda_graph():
+    r"""Forward, backward and ``optimizer.step()`` captured in one CUDA graph: its replays take
+    the steps that eager capturable steps take from the same state and generator."""
+
+    def setup():
+        torch.manual_seed(0)
+        torch.cuda.manual_seed(0)
+        base = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 2)).cuda()
+        bm = fastbnf.BayesianModel(base, init_logvar=-4.0, exclude_params=["2.bias"])
+        optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3, capturable=True)
+        return bm, optimizer
+
+    x = torch.randn(32, 3, device="cuda")
+    y = torch.randn(32, 2, device="cuda")
+
+    def train_step(bm, optimizer):
+        optimizer.zero_grad(set_to_none=False)  # in the graph: the buffers, zeroed each replay
+        (bm.base(x) - y).square().mean().backward()
+        optimizer.step()
+
+    bm, optimizer = setup()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the state, autograd's buffers
+        for _ in range(3):
+            train_step(bm, optimizer)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(bm, optimizer)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+
+    eager_bm, eager = setup()
+    for _ in range(3 + 5):
+        train_step(eager_bm, eager)
+    assert optimizer._step_counts() == eager._step_counts() == [8]
+    # The same kernels in the same order; cuBLAS may pick other algorithms under capture.
+    for a, b in zip(snapshot(bm, optimizer)[0].values(), snapshot(eager_bm, eager)[0].values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_compiled_step_of_the_plain_loop(backend):

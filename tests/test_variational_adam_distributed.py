@@ -32,7 +32,9 @@ def batches(rank: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def train(rank: int | None, fold_rank: bool, ddp: bool = False) -> torch.Tensor:
+def train(
+    rank: int | None, fold_rank: bool, ddp: bool = False, capturable: bool = False
+) -> torch.Tensor:
     r"""Trains the same model (same seed) on the rank's data; returns its posterior, flat. With
     ``ddp``, the base model is wrapped in DistributedDataParallel after the optimizer is created
     (as trainers wrap it)."""
@@ -43,7 +45,7 @@ def train(rank: int | None, fold_rank: bool, ddp: bool = False) -> torch.Tensor:
     bm = fastbnf.BayesianModel(
         net, init_logvar=-4.0, exclude_params=["2.bias"], fold_rank=fold_rank
     )
-    optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3)
+    optimizer = VariationalAdam(bm, lr=1e-2, kl_weight=1e-3, capturable=capturable)
     model = nn.parallel.DistributedDataParallel(bm.base) if ddp else bm.base
     for x, y in batches(rank):
         (model(x) - y).square().mean().backward()
@@ -57,6 +59,13 @@ def ranks_train(rank: int, init_file: str, out_dir: str) -> None:
     ranks.init(rank, init_file)
     for fold_rank in (False, True):
         torch.save(train(rank, fold_rank), f"{out_dir}/rank{rank}-fold{int(fold_rank)}.pt")
+    torch.save(train(rank, False, capturable=True), f"{out_dir}/rank{rank}-capturable.pt")
+    try:
+        train(rank, True, capturable=True)
+        message = ""
+    except RuntimeError as error:
+        message = str(error)
+    torch.save(message, f"{out_dir}/capturable-fold-rank{rank}.pt")
     dist.barrier()
 
 
@@ -77,6 +86,13 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path):
 
     # Each rank its own noise: another trajectory.
     assert not torch.allclose(folded[0], shared[0])
+
+    # Capturable: the same steps; with each rank's own noise, refused (the average needs the
+    # host's count).
+    for r in range(WORLD):
+        assert torch.equal(torch.load(tmp_path / f"rank{r}-capturable.pt"), shared[0])
+        message = torch.load(tmp_path / f"capturable-fold-rank{r}.pt")
+        assert "capturable=True cannot average" in message and "fold_rank=False" in message
 
 
 def ranks_train_ddp(rank: int, init_file: str, out_dir: str) -> None:

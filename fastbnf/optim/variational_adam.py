@@ -18,6 +18,7 @@ from .._sharding import is_dtensor
 from ..model import BayesianModel
 from ..model.posterior import posterior_of
 from ..model.slots import slots_of
+from .._backend import backend
 from .._compat import local_part
 from .adamw import adam_update
 from .shards import Shards, like_dtensor, rows_of, shard_group, shardable
@@ -159,6 +160,13 @@ class VariationalAdam(torch.optim.Optimizer):
         prior_mean: The prior mean, 0 or ``"init"`` for the base model's weights.
         num_data: The number of training examples :math:`N`, for ``kl_weight = 1 / N``
             (IVON's effective sample size); not with ``kl_weight``.
+        capturable: Whether :meth:`step` can be captured in a CUDA graph: the step counts live
+            on the groups' devices and the kernels read them there, the keys are updated in
+            place, and the non-Bayesian parameters take :func:`torch.optim.adam.adam`'s
+            capturable AdamW on CUDA. Take one step before capturing (it creates the state).
+            It needs the compiled kernels on a CUDA device (the torch backend draws its keys
+            on the host) and excludes ``fold_rank`` under data parallelism; on the CPU it
+            changes where the counts live, not the results.
     """
 
     def __init__(
@@ -172,11 +180,14 @@ class VariationalAdam(torch.optim.Optimizer):
         prior_var: Any = 1.0,
         prior_mean: Any = 0.0,
         num_data: int | None = None,
+        capturable: bool = False,
     ) -> None:
         if not isinstance(model, BayesianModel):
             raise TypeError(
                 f"VariationalAdam: model must be a fastbnf.BayesianModel, got {type(model)}."
             )
+        if not isinstance(capturable, bool):
+            raise TypeError(f"VariationalAdam: capturable must be a bool, got {capturable!r}.")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"VariationalAdam: betas must be a pair of numbers, got {betas!r}.")
         defaults = dict(
@@ -246,6 +257,20 @@ class VariationalAdam(torch.optim.Optimizer):
         # optimizer's own (state_dict's "posterior"): loading the latter would cast it to the
         # dtype of the samples it is keyed by, and the key (int64) with it.
         self._steps = [0] * len(groups)
+        # Capturable: the counts on the groups' devices too, which the kernels read there.
+        self.capturable = capturable
+        self._step_tensors = None
+        if capturable:
+            for theta in thetas:
+                if theta.device.type == "cuda" and backend(theta.device) != "cuda":
+                    raise ValueError(
+                        f"VariationalAdam: capturable=True needs the CUDA kernels on "
+                        f"{theta.device}, where the {backend(theta.device)!r} backend runs (it "
+                        "draws the noise's keys on the host, which a CUDA graph would freeze)."
+                    )
+            self._step_tensors = [
+                torch.zeros((), dtype=torch.int64, device=t.device) for t in thetas
+            ]
         self._pieces = pieces
         # Where each non-Bayesian parameter sits in the base model, so that the step finds the
         # shard that a later fully_shard() puts there instead.
@@ -301,7 +326,7 @@ class VariationalAdam(torch.optim.Optimizer):
 
         with torch.no_grad():
             for i, (group, prior) in enumerate(zip(self._posterior.groups(), self._priors)):
-                theta, _, self._rng_states[i] = ops.sample(
+                theta, _, key = ops.sample(
                     group.means,
                     group.logvars,
                     None,
@@ -310,10 +335,29 @@ class VariationalAdam(torch.optim.Optimizer):
                     prior,
                     self._posterior.salt(),
                 )
+                self._set_key(i, key)
                 self._thetas[i].copy_(theta)
             for pieces, shards in zip(self._pieces, self._sharded_samples()):
                 for j, shard in shards.items():
                     _write_shard(shard, pieces[j].detach())
+
+    def _count(self, i: int) -> Tensor | None:
+        r"""Counts a step of group ``i``; returns its count on the device when capturable (the
+        kernels read it there: a CUDA graph replays it with the count of each replay)."""
+
+        self._steps[i] += 1
+        if self._step_tensors is None:
+            return None
+        return self._step_tensors[i].add_(1)
+
+    def _set_key(self, i: int, key: Tensor) -> None:
+        r"""Makes ``key`` group ``i``'s; in place when capturable, so that a replayed step reads
+        the key that the step before it wrote."""
+
+        if self._step_tensors is None:
+            self._rng_states[i] = key
+        else:
+            self._rng_states[i].copy_(key)
 
     def _attach_grads(self) -> None:
         r"""Makes every sample's .grad its view of the group's flat gradient buffer."""
@@ -548,6 +592,12 @@ class VariationalAdam(torch.optim.Optimizer):
                 "fold_rank=True gives each rank its own. Create the BayesianModel with "
                 "fold_rank=False."
             )
+        if self.capturable and self._posterior.fold_rank and _data_parallel():
+            raise RuntimeError(
+                "VariationalAdam: capturable=True cannot average the gradients that each rank "
+                "forms with its own noise (fold_rank=True under data parallelism: the average "
+                "runs on the host's count). Create the BayesianModel with fold_rank=False."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -643,8 +693,8 @@ class VariationalAdam(torch.optim.Optimizer):
                     views[j].zero_()
                 else:
                     views[j].copy_(grad.view_as(views[j]))
-            self._steps[i] += 1
-            self._rng_states[i] = variational_adam_step(
+            step_tensor = self._count(i)
+            key = variational_adam_step(
                 grad_theta,
                 group.means,
                 group.logvars,
@@ -661,7 +711,9 @@ class VariationalAdam(torch.optim.Optimizer):
                 prior=prior,
                 salt=salt,
                 average=average,
+                step_tensor=step_tensor,
             )
+            self._set_key(i, key)
             # The next sample's shards, where FSDP's forward gathers them from.
             for j, shard in shards.items():
                 _write_shard(shard, pieces[j].detach())
@@ -677,8 +729,8 @@ class VariationalAdam(torch.optim.Optimizer):
                 view.zero_()
             else:
                 view.copy_(sample.grad.to_local().reshape(-1))
-        self._steps[i] += 1
-        self._rng_states[i] = variational_adam_step(
+        step_tensor = self._count(i)
+        key = variational_adam_step(
             self._grads[i],
             shards.means,
             shards.logvars,
@@ -690,8 +742,10 @@ class VariationalAdam(torch.optim.Optimizer):
             prior=shards.prior,
             salt=salt,
             noise_offsets=shards.noise_offsets,
+            step_tensor=step_tensor,
             **options,
         )
+        self._set_key(i, key)
         self._write_rows(i)
 
     def _write_rows(self, i: int) -> None:
@@ -710,16 +764,45 @@ class VariationalAdam(torch.optim.Optimizer):
             _average(flat)
             for p, g in zip(local, flat.split([p.numel() for p in local])):
                 p.grad.copy_(g.view_as(p.grad))
+        # Capturable on CUDA: PyTorch's capturable AdamW, whose counts live on the device (it
+        # counts them itself); the others here, counted on the host.
+        on_device, on_host = [], []
+        for p in with_grads:
+            (on_device if self.capturable and p.device.type == "cuda" else on_host).append(p)
         for p in with_grads:
             if "step" not in self.state[p]:
-                self.state[p]["step"] = 0
+                self.state[p]["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if self.capturable and p.device.type == "cuda"
+                    else 0
+                )
                 self.state[p]["exp_avg"] = torch.zeros_like(p)
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        if on_device:
+            torch.optim.adam.adam(
+                on_device,
+                [p.grad for p in on_device],
+                [self.state[p]["exp_avg"] for p in on_device],
+                [self.state[p]["exp_avg_sq"] for p in on_device],
+                [],
+                [self.state[p]["step"] for p in on_device],
+                foreach=True,
+                capturable=True,
+                decoupled_weight_decay=True,
+                amsgrad=False,
+                beta1=betas[0],
+                beta2=betas[1],
+                lr=lr,
+                weight_decay=weight_decay,
+                eps=eps,
+                maximize=False,
+            )
+        for p in on_host:
             self.state[p]["step"] += 1
         # One update per step count (a parameter may have missed steps without a gradient).
         by_step: dict[int, list[Tensor]] = {}
-        for p in with_grads:
-            by_step.setdefault(self.state[p]["step"], []).append(p)
+        for p in on_host:
+            by_step.setdefault(int(self.state[p]["step"]), []).append(p)
         for step, ps in by_step.items():
             adam_update(
                 ps,
@@ -746,9 +829,17 @@ class VariationalAdam(torch.optim.Optimizer):
             "exp_avg_sqs": [m.clone() for m in self._exp_avg_sqs],
             "theta": [t.clone() for t in self._thetas],
             "rng_state": [r.clone() for r in self._rng_states],
-            "step": list(self._steps),
+            "step": self._step_counts(),
         }
         return state
+
+    def _step_counts(self) -> list[int]:
+        r"""The count of steps of every group: the devices' when capturable (a replayed graph
+        counts there only)."""
+
+        if self._step_tensors is None:
+            return list(self._steps)
+        return [int(t) for t in self._step_tensors]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         r"""Loads a state from :meth:`state_dict`, after checking all of it: a state dict of
@@ -780,11 +871,11 @@ class VariationalAdam(torch.optim.Optimizer):
             for i, rows in enumerate(self._shards):
                 if rows is not None:
                     self._write_rows(i)
-        self._rng_states = [
-            r.to(mine.device, copy=True)
-            for r, mine in zip(posterior["rng_state"], self._rng_states)
-        ]
+        for i, r in enumerate(posterior["rng_state"]):
+            self._set_key(i, r.to(self._rng_states[i].device, copy=True))
         self._steps = [int(step) for step in posterior["step"]]
+        for count, step in zip(self._step_tensors or (), self._steps):
+            count.fill_(step)
 
     def _misfits(self, state_dict: Any) -> list[str]:
         r"""What in a state dict does not fit this optimizer, as readable lines."""
