@@ -46,14 +46,14 @@ def full() -> "StateDictOptions":
     return StateDictOptions(full_state_dict=True)
 
 
-def make(fold_rank: bool = False, seed: int = 0) -> fastbnf.BayesianModel:
+def make(fold_rank: bool = False, seed: int = 0, **options) -> fastbnf.BayesianModel:
     r"""The same model for every seed on every rank; uneven shapes (15 rows on 2 ranks) and a
     plain parameter (the last bias), so that both kinds of gradient are reduce-scattered."""
 
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 15), nn.Tanh(), nn.Linear(15, 3))
     return fastbnf.BayesianModel(
-        net, init_logvar=-4.0, exclude_params=["2.bias"], fold_rank=fold_rank
+        net, init_logvar=-4.0, exclude_params=["2.bias"], fold_rank=fold_rank, **options
     )
 
 
@@ -342,9 +342,11 @@ def posterior(bm) -> dict[str, torch.Tensor]:
     return {**state, "base.2.bias": whole(bm.base[2].bias)}
 
 
-def variational(bm, rank, sharding=None, steps=slice(None)) -> fastbnf.optim.VariationalAdam:
+def variational(
+    bm, rank, sharding=None, steps=slice(None), **options
+) -> fastbnf.optim.VariationalAdam:
     torch.manual_seed(20)  # the same first sample on every rank and in one process
-    optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=KL_WEIGHT)
+    optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-2, kl_weight=KL_WEIGHT, **options)
     if sharding is not None:
         sharding(bm)
     variational_steps(bm, optimizer, rank, steps)
@@ -466,6 +468,18 @@ def ranks_sharded_posterior(rank: int, init_file: str, backend: str, world: int)
         assert isinstance(frozen, DTensor)
         state = full_state(bm)
         assert torch.equal(state["base.0.weight"], make().base[0].weight)
+
+    # A prior centred on the frozen weights (cut into the rows' prior means), and a model whose
+    # base weights are its means (no frozen weights kept).
+    for model_options, options in (
+        ({}, {"prior_mean": "init"}),
+        ({"keep_base_weights": False}, {}),
+    ):
+        alone = make(**model_options)
+        variational(alone, None, **options)
+        bm = make(**model_options)
+        variational(bm, None, shard_layers, **options)
+        assert_same(posterior(bm), posterior(alone), rtol=0, atol=0)
 
     # A checkpoint: the model's whole state before the optimizer, the optimizer's of each rank.
     bm = make()

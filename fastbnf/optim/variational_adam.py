@@ -127,11 +127,11 @@ class VariationalAdam(torch.optim.Optimizer):
     their places in the group's noise stream, so that the ranks together take the step of one
     process, and writes the next sample into the shards, where FSDP's forward gathers it: no
     collective of its own, and 1 / W of the state per rank. The trainer's ``param_groups`` then
-    hold the shards. A group sharded otherwise (another placement, a 2-d mesh, some samples
-    left whole) stays whole on every rank: its gradients are gathered (one all-gather per
-    sharded tensor), the same step taken on every rank and each rank's shards of the next
-    sample written; a non-Bayesian parameter is gathered, updated whole and written back the
-    same way. FSDP's average of the samples' gradients is right only if every rank holds the
+    hold the shards, and so for the non-Bayesian parameters, which AdamW steps on FSDP's
+    shards. A group sharded otherwise (another placement, a 2-d mesh, some samples left whole)
+    stays whole on every rank: its gradients are gathered (one all-gather per sharded tensor),
+    the same step taken on every rank and each rank's shards of the next sample written. FSDP's
+    average of the samples' gradients is right only if every rank holds the
     same sample: the model's ``fold_rank`` must be false. With the posterior in the rows, the
     model's methods that read it whole refuse, and so does its ``load_state_dict()``: load the
     model's state before creating the optimizer and sharding, and read the posterior whole with
@@ -510,8 +510,11 @@ class VariationalAdam(torch.optim.Optimizer):
                 self._other_places[id(shard)] = self._other_places.pop(id(p))
                 state = self.state.pop(p, None)
                 if state:
+                    # The moments, laid out as the parameter; the count as it is.
                     self.state[shard] = {
-                        key: like_dtensor(value, shard) if isinstance(value, Tensor) else value
+                        key: like_dtensor(value, shard)
+                        if isinstance(value, Tensor) and value.shape == p.shape
+                        else value
                         for key, value in state.items()
                     }
 
