@@ -5,7 +5,8 @@ Run on two CPU processes (gloo), or one process per GPU (NCCL) with the same cod
     torchrun --nproc-per-node 2 -m examples.fsdp_train
     torchrun --nproc-per-node 8 -m examples.fsdp_train --device cuda --steps 2000
 
-``python -m examples.fsdp_train`` runs it as a single process (a world of one).
+``python -m examples.fsdp_train`` runs it as a single process (a world of one); ``--optim``
+trains with :class:`fastbnf.optim.VariationalAdam` instead (below).
 
 ``fully_shard(bm)`` shards the posterior (the means and log-variances) and the base model's
 weights over the ranks: each rank stores 1 / world of them. The model's methods gather the
@@ -14,6 +15,13 @@ and ``predict()`` run as forwards of the sharded model, and FSDP reduce-scatters
 (their mean over the ranks) after the backward. Each rank draws its own batch and its own noise
 (``fold_rank``), and the KL term is not divided by the world size, as with
 ``DistributedDataParallel``.
+
+With ``--optim``, :class:`fastbnf.optim.VariationalAdam` is created first and ``fully_shard()``
+applied to the base model's layers and the base model: the loop is a plain model's, the base
+model's forward gathers the samples, and the optimizer keeps the posterior, its moments and the
+samples in each rank's rows, stepping them on the gradients that FSDP reduce-scatters. Every rank
+draws the same noise (``fold_rank=False``). The posterior predictive at the end is computed from
+the gathered state dict, in an unsharded copy of the model.
 """
 
 import argparse
@@ -53,18 +61,28 @@ def train(
     kl_weight: float = 1e-4,
     device: str = "cpu",
     log_every: int = 100,
+    optim: bool = False,
 ) -> dict[str, Tensor]:
     r"""Trains the sharded Bayesian MLP on every rank of the initialized process group and
-    returns its full state dict (the same on every rank)."""
+    returns its full state dict (the same on every rank); with ``optim``, with
+    :class:`fastbnf.optim.VariationalAdam`."""
 
     rank = dist.get_rank()
+    # The mesh's device type said: by default it is CUDA wherever CUDA is, even under gloo.
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
 
     # Seeded alike: every rank builds the same model, which fully_shard() then splits.
     torch.manual_seed(0)
-    bm = fastbnf.BayesianModel(mlp(width).to(device), init_logvar=-9.0)
-    # The mesh's device type said: by default it is CUDA wherever CUDA is, even under gloo.
-    fully_shard(bm, mesh=init_device_mesh(torch.device(device).type, (dist.get_world_size(),)))
-    optimizer = torch.optim.Adam(bm.parameters(), lr=lr)  # the shards: 1 / world per rank
+    bm = fastbnf.BayesianModel(mlp(width).to(device), init_logvar=-9.0, fold_rank=not optim)
+    if optim:
+        optimizer = fastbnf.optim.VariationalAdam(bm, lr=lr, kl_weight=kl_weight)
+        for layer in bm.base:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(bm.base, mesh=mesh)
+    else:
+        fully_shard(bm, mesh=mesh)
+        optimizer = torch.optim.Adam(bm.parameters(), lr=lr)  # the shards: 1 / world per rank
 
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches
     start = time.perf_counter()
@@ -72,18 +90,30 @@ def train(
     for step in range(1, steps + 1):
         x, y = batch(batch_size, data, device)
 
-        kl = bm.kl_divergence()
-        with bm.reparameterize() as model:
-            nll = (model(x) - y).square().mean()
-            (nll + kl_weight * kl).backward()
+        if optim:  # a plain model's loop: the KL's gradient is the optimizer's
+            nll = (bm.base(x) - y).square().mean()
+            nll.backward()
+        else:
+            kl = bm.kl_divergence()
+            with bm.reparameterize() as model:
+                nll = (model(x) - y).square().mean()
+                (nll + kl_weight * kl).backward()
 
         optimizer.step()
         optimizer.zero_grad()
 
         if rank == 0 and (step % log_every == 0 or step == steps):
-            print(f"step {step:5d}  mse {nll.item():.4f}  kl {kl.item():.1f}")
+            kl_text = "" if optim else f"  kl {kl.item():.1f}"
+            print(f"step {step:5d}  mse {nll.item():.4f}{kl_text}")
 
-    # The posterior predictive inside and outside the training interval [-1, 1].
+    # A collective: every rank takes part, and gets the full tensors.
+    state = get_model_state_dict(bm, options=StateDictOptions(full_state_dict=True))
+
+    # The posterior predictive inside and outside the training interval [-1, 1]; the
+    # optimizer's rows of the posterior in an unsharded copy of the model.
+    if optim:
+        bm = fastbnf.BayesianModel(mlp(width).to(device), init_logvar=-9.0)
+        bm.load_state_dict(state)
     x = torch.linspace(-2, 2, 9, device=device).unsqueeze(-1)
     with torch.no_grad():
         spread = bm.predict(x, samples=32).std(dim=0).squeeze(-1)
@@ -93,9 +123,7 @@ def train(
         for xi, si in zip(x.squeeze(-1).tolist(), spread.tolist()):
             where = "in " if abs(xi) <= 1 else "out"
             print(f"x = {xi:+.1f} ({where})  predictive std {si:.4f}")
-
-    # A collective: every rank takes part, and gets the full tensors.
-    return get_model_state_dict(bm, options=StateDictOptions(full_state_dict=True))
+    return state
 
 
 def main() -> None:
@@ -107,6 +135,9 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="lambda in MSE + lambda KL")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
     parser.add_argument("--save", default=None, help="where rank 0 saves the full state_dict")
+    parser.add_argument(
+        "--optim", action="store_true", help="VariationalAdam, the posterior sharded with it"
+    )
     args = parser.parse_args()
 
     # Without torchrun: a world of one.
@@ -125,7 +156,9 @@ def main() -> None:
         dist.init_process_group("gloo")
 
     try:
-        state = train(args.steps, args.batch, args.width, args.lr, args.kl_weight, device)
+        state = train(
+            args.steps, args.batch, args.width, args.lr, args.kl_weight, device, optim=args.optim
+        )
         if args.save and dist.get_rank() == 0:
             torch.save(state, args.save)
             print(f"saved {len(state)} tensors to {args.save}")

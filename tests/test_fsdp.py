@@ -567,12 +567,15 @@ def ranks_example(rank: int, init_file: str) -> None:
     from examples.fsdp_train import mlp, train
 
     ranks.init(rank, init_file)
-    state = train(steps=20, width=8, log_every=10)
     torch.manual_seed(0)
     initial = fastbnf.BayesianModel(mlp(8), init_logvar=-9.0).state_dict()
-    assert state.keys() == initial.keys()
-    assert all(v.isfinite().all() for v in state.values())
-    assert not torch.equal(state["means.0-weight"], initial["means.0-weight"])  # it trained
+    for optim in (False, True):  # the tutorial loop, VariationalAdam
+        state = train(steps=20, width=8, log_every=10, optim=optim)
+        assert state.keys() == initial.keys()
+        assert all(v.isfinite().all() for v in state.values())
+        assert not torch.equal(state["means.0-weight"], initial["means.0-weight"])  # it trained
+        # The frozen weights come back whole and unchanged.
+        assert torch.equal(state["base.0.weight"], initial["base.0.weight"])
     dist.barrier()
 
 
