@@ -1,5 +1,6 @@
 r"""Sharded data-parallel training: fully_shard(bm) (FSDP2) over two gloo processes, against
-one process with the whole batch and against DistributedDataParallel."""
+one process with the whole batch and against DistributedDataParallel; VariationalAdam under
+fully_shard(bm.base), its posterior in the samples' rows, over two and four."""
 
 import os
 import pytest
