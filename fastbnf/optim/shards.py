@@ -30,8 +30,8 @@ from .._compat import local_part
 class Shards:
     r"""A group's posterior on this rank: per tensor, the model's DTensor mean and log-variance
     parameters and their local rows (what the step updates in place), the sample's DTensor in
-    the base model, the index of the rows' first element in the group's noise stream, and the
-    prior of the rows."""
+    the base model, the index of the rows' first element in the group's noise stream and their
+    count, and the prior of the rows."""
 
     keys: list[str]
     mean_params: list[nn.Parameter]
@@ -40,6 +40,7 @@ class Shards:
     logvars: list[Tensor]
     samples: list[Tensor]
     noise_offsets: list[int]
+    counts: list[int]
     prior: ops.Prior
 
 
@@ -74,7 +75,7 @@ def like_dtensor(whole: Tensor, like: Tensor) -> Tensor:
 
     from torch.distributed.tensor import DTensor
 
-    local = local_part(whole, like).detach().clone(memory_format=torch.contiguous_format)
+    local = _rows(whole, like).detach().clone(memory_format=torch.contiguous_format)
     return DTensor.from_local(
         local, like.device_mesh, like.placements, run_check=False, shape=whole.shape,
         stride=whole.stride(),
@@ -82,7 +83,6 @@ def like_dtensor(whole: Tensor, like: Tensor) -> Tensor:
 
 
 def _as_parameter(whole: Tensor, like: Tensor) -> nn.Parameter:
-    _rows(whole, like)  # checks the shard's shape
     return nn.Parameter(like_dtensor(whole, like), requires_grad=whole.requires_grad)
 
 
@@ -129,6 +129,7 @@ def shard_group(
         logvars=local_logvars,
         samples=list(samples),
         noise_offsets=[start for start, _ in spans],
+        counts=[count for _, count in spans],
         prior=ops.Prior(prior.var, prior.vars, prior_means),
     )
     return shards, spans

@@ -484,7 +484,7 @@ class VariationalAdam(torch.optim.Optimizer):
         self._exp_avg_sqs[i] = rows_of(self._exp_avg_sqs[i], spans, numel)
         self._thetas[i] = rows_of(self._thetas[i], spans, numel)
         self._grads[i] = torch.zeros_like(self._thetas[i])
-        self._grad_views[i] = list(self._grads[i].split([count for _, count in spans]))
+        self._grad_views[i] = list(self._grads[i].split(shards.counts))
         self._pieces[i] = samples
         self._priors[i] = shards.prior
         self._shards[i] = shards
@@ -607,9 +607,10 @@ class VariationalAdam(torch.optim.Optimizer):
                 loss = closure()
         # Per group, whether every sample's .grad is still its view of the group's flat buffer
         # (dense, and read as it is); compared in C (map over operator.is_): this runs every step.
+        # A group in rows reads FSDP's gradients, which are dense: nothing to check.
         attached = [
-            all(map(is_, map(_GRAD, pieces), views))
-            for pieces, views in zip(self._pieces, self._grad_views)
+            shards is not None or all(map(is_, map(_GRAD, pieces), views))
+            for pieces, views, shards in zip(self._pieces, self._grad_views, self._shards)
         ]
         self._check_sparse(attached)
         if not self._checked_ranks and _data_parallel():
@@ -626,7 +627,7 @@ class VariationalAdam(torch.optim.Optimizer):
     def _check_sparse(self, attached: list[bool]) -> None:
         r"""Refuses sparse gradients before anything is updated, as :class:`torch.optim.Adam`
         does: those of the non-Bayesian parameters, and the samples' where a group's are not
-        the views of its flat buffer (which are dense)."""
+        the views of its flat buffer or FSDP's shards (which are dense)."""
 
         loose = [p for pieces, a in zip(self._pieces, attached) if not a for p in pieces]
         others = [p for g in self.param_groups if not g["posterior"] for p in g["params"]]
@@ -726,8 +727,8 @@ class VariationalAdam(torch.optim.Optimizer):
         gradients that FSDP has reduce-scattered and averaged into the samples' shards, with the
         rows' noise offsets; the next sample goes into the shards, where FSDP gathers it from."""
 
-        shards, views = self._shards[i], self._grad_views[i]
-        for view, sample in zip(views, shards.samples):
+        shards = self._shards[i]
+        for view, sample in zip(self._grad_views[i], shards.samples):
             if sample.grad is None:
                 view.zero_()
             else:
@@ -754,9 +755,10 @@ class VariationalAdam(torch.optim.Optimizer):
     def _write_rows(self, i: int) -> None:
         r"""Copies group ``i``'s flat sample of this rank's rows into the samples' shards."""
 
-        counts = [s.to_local().numel() for s in self._shards[i].samples]
-        for sample, rows in zip(self._shards[i].samples, self._thetas[i].split(counts)):
-            sample.to_local().copy_(rows.view_as(sample.to_local()))
+        shards = self._shards[i]
+        for sample, rows in zip(shards.samples, self._thetas[i].split(shards.counts)):
+            local = sample.to_local()
+            local.copy_(rows.view_as(local))
 
     def _plain_step(self, params, lr, betas, eps, weight_decay) -> None:
         with_grads = [p for p in params if p.grad is not None]
