@@ -19,23 +19,18 @@ Byte counts, not timings: one run says all. Writes ``benchmarks/results/<name>.{
 """
 
 import argparse
-import json
-import os
-import tempfile
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
-from pathlib import Path
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import fastbnf
 
+from ._fsdp import mlp, run_ranks, shard_layers, write_record
+
 WIDTH, DEPTH = 512, 4
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def local_bytes(tensors) -> int:
@@ -48,12 +43,6 @@ def local_bytes(tensors) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    layers = [nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)]
-    return nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer, bm=None) -> None:
@@ -75,7 +64,7 @@ def measure(mode: str, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     # VariationalAdam under FSDP needs the same sample on every rank (fold_rank=False).
     bm = fastbnf.BayesianModel(
-        mlp(),
+        mlp(WIDTH, DEPTH),
         init_logvar=-9.0,
         fold_rank=mode == "tutorial",
         keep_base_weights=not mode.endswith("keep_base_weights=False"),
@@ -94,10 +83,7 @@ def measure(mode: str, world: int) -> dict:
         }
     else:
         optimizer = fastbnf.optim.VariationalAdam(bm, lr=1e-3)
-        for layer in bm.base:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(bm.base, mesh=mesh)
+        shard_layers(bm.base, mesh)
         step(bm.base, optimizer)
         # The optimizer's flat buffers (internal): the sample, its gradient, the two moments;
         # and the base model's weights that its slots keep (none where they are the means).
@@ -115,30 +101,15 @@ def measure(mode: str, world: int) -> dict:
     return parts
 
 
-def rank_main(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    rows = {mode: measure(mode, world) for mode in MODES}
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        Path(out).write_text(json.dumps(gathered))
-    dist.destroy_process_group()
-
-
-def run_world(world: int) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.spawn(rank_main, args=(world, os.path.join(tmp, "init"), out), nprocs=world)
-        return json.loads(Path(out).read_text())
+def measure_modes(world: int) -> dict:
+    return {mode: measure(mode, world) for mode in MODES}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
     args = parser.parse_args()
-    worlds = {w: run_world(w) for w in (1, 2, 4)}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(worlds, indent=1))
+    worlds = {w: run_ranks(measure_modes, w) for w in (1, 2, 4)}
     mib = 2.0**20
     lines = [
         f"# {args.name}: training state per rank under FSDP2",
@@ -164,8 +135,7 @@ def main() -> None:
         " that it keeps for the model's state dict too: all 1 / W per rank."
         " `keep_base_weights=False` has no frozen weights.",
     ]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_record(args.name, worlds, lines)
 
 
 if __name__ == "__main__":

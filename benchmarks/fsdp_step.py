@@ -20,45 +20,28 @@ over the baseline's, and the median of those ratios over the runs. Writes
 """
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
-from pathlib import Path
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import fastbnf
 
+from ._fsdp import mlp, run_ranks, shard_layers, write_record
+
 WORLD, WIDTH, DEPTH, BATCH = 2, 1024, 4, 64
 WARMUP, ROUNDS = 5, 30
-RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("plain + Adam(fused=True)", "VariationalAdam", "tutorial + Adam(fused=True)")
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    layers = [nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)]
-    return nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
-
-
-def shard_layers(model: nn.Sequential, mesh) -> None:
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
 
 
 def contenders(mesh) -> dict:
     r"""Each contender's step, a function of the batch."""
 
-    plain = mlp()
+    plain = mlp(WIDTH, DEPTH)
     shard_layers(plain, mesh)
     adam = torch.optim.Adam(plain.parameters(), lr=1e-4, fused=True)
 
@@ -67,7 +50,9 @@ def contenders(mesh) -> dict:
         adam.step()
         adam.zero_grad()
 
-    bm = fastbnf.BayesianModel(mlp(), init_logvar=-9.0, fold_rank=False, keep_base_weights=False)
+    bm = fastbnf.BayesianModel(
+        mlp(WIDTH, DEPTH), init_logvar=-9.0, fold_rank=False, keep_base_weights=False
+    )
     variational = fastbnf.optim.VariationalAdam(bm, lr=1e-4, num_data=60000)
     shard_layers(bm.base, mesh)
 
@@ -76,7 +61,7 @@ def contenders(mesh) -> dict:
         variational.step()
         variational.zero_grad()
 
-    tutorial = fastbnf.BayesianModel(mlp(), init_logvar=-9.0)
+    tutorial = fastbnf.BayesianModel(mlp(WIDTH, DEPTH), init_logvar=-9.0)
     fully_shard(tutorial, mesh=mesh)  # as examples/fsdp_train.py
     tutorial_adam = torch.optim.Adam(tutorial.parameters(), lr=1e-4, fused=True)
 
@@ -91,11 +76,11 @@ def contenders(mesh) -> dict:
     return dict(zip(CONTENDERS, (plain_step, variational_step, tutorial_step)))
 
 
-def rank_main(rank: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    steps = contenders(init_device_mesh("cpu", (WORLD,)))
-    generator = torch.Generator().manual_seed(rank)
+def time_steps(world: int) -> dict[str, list[float]]:
+    r"""Each contender's step times on this rank: the slowest rank's, per round."""
+
+    steps = contenders(init_device_mesh("cpu", (world,)))
+    generator = torch.Generator().manual_seed(dist.get_rank())
     times = {name: [] for name in steps}
     for round_ in range(WARMUP + ROUNDS):
         for name, step in steps.items():
@@ -108,17 +93,7 @@ def rank_main(rank: int, init_file: str, out: str) -> None:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's
             if round_ >= WARMUP:
                 times[name].append(elapsed.item())
-    if rank == 0:
-        Path(out).write_text(json.dumps(times))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def run_once() -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.spawn(rank_main, args=(os.path.join(tmp, "init"), out), nprocs=WORLD)
-        return json.loads(Path(out).read_text())
+    return times
 
 
 def main() -> None:
@@ -126,8 +101,8 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    runs = [run_once() for _ in range(args.runs)]
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=1))
+    # The times are the slowest rank's: rank 0's list holds them.
+    runs = [run_ranks(time_steps, WORLD)[0] for _ in range(args.runs)]
 
     baseline = CONTENDERS[0]
     medians = [{name: statistics.median(t) for name, t in run.items()} for run in runs]
@@ -160,8 +135,7 @@ def main() -> None:
         " tutorial loop gathers the means and log-variances, draws the whole sample on every"
         " rank, and steps Adam on both.",
     ]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_record(args.name, runs, lines)
 
 
 if __name__ == "__main__":

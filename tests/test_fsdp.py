@@ -361,6 +361,24 @@ def variational_steps(bm, optimizer, rank, steps=slice(None)) -> None:
         optimizer.zero_grad()
 
 
+def resumed_halfway(rank: int | None) -> fastbnf.BayesianModel:
+    r"""A sharded model trained two steps, then another resumed from its checkpoint and trained
+    to the end: the model's whole state, loaded before the optimizer is created and the model
+    sharded (after, the posterior is in the shards' rows and BayesianModel.load_state_dict
+    refuses), then the optimizer's state of each rank."""
+
+    bm = make()
+    optimizer = variational(bm, rank, shard_base, steps=slice(0, 2))
+    generator_state = torch.get_rng_state()  # the next keys come from it
+    other = make(seed=1)
+    other.load_state_dict(full_state(bm))
+    resumed = variational(other, rank, shard_base, steps=slice(0, 0))
+    resumed.load_state_dict(optimizer.state_dict())
+    torch.set_rng_state(generator_state)
+    variational_steps(other, resumed, rank, steps=slice(2, None))
+    return other
+
+
 def shard_layers(bm) -> None:
     shard(bm.base[0])
     shard(bm.base[2])
@@ -406,20 +424,8 @@ def ranks_variational(rank: int, init_file: str, backend: str) -> None:
     assert isinstance(bm.base[2].weight, DTensor)
     assert_same(posterior(bm), expected)
 
-    # The optimizer's state dict resumes the trajectory in another sharded model, whose
-    # posterior and plain parameter take the first's values.
-    bm = make()
-    optimizer = variational(bm, rank, shard_base, steps=slice(0, 2))
-    generator_state = torch.get_rng_state()  # the next keys come from it
-    # The model's state loads before the optimizer is created and the model sharded (after,
-    # its posterior is in the shards' rows, and BayesianModel.load_state_dict refuses).
-    other = make(seed=1)
-    other.load_state_dict(full_state(bm))
-    resumed = variational(other, rank, shard_base, steps=slice(0, 0))
-    resumed.load_state_dict(optimizer.state_dict())
-    torch.set_rng_state(generator_state)
-    variational_steps(other, resumed, rank, steps=slice(2, None))
-    assert_same(posterior(other), expected)
+    # The optimizer's state dict resumes the trajectory in another sharded model.
+    assert_same(posterior(resumed_halfway(rank)), expected)
 
     dist.barrier()
 
@@ -483,22 +489,14 @@ def ranks_sharded_posterior(rank: int, init_file: str, backend: str, world: int)
         assert_same(posterior(bm), posterior(alone), rtol=0, atol=0)
 
     # A checkpoint: the model's whole state before the optimizer, the optimizer's of each rank.
-    bm = make()
-    optimizer = variational(bm, None, shard_base, steps=slice(0, 2))
-    generator_state = torch.get_rng_state()
-    other = make(seed=1)
-    other.load_state_dict(full_state(bm))
-    resumed = variational(other, None, shard_base, steps=slice(0, 0))
-    resumed.load_state_dict(optimizer.state_dict())
-    torch.set_rng_state(generator_state)
-    variational_steps(other, resumed, None, steps=slice(2, None))
+    other = resumed_halfway(None)
     assert_same(posterior(other), expected, rtol=0, atol=0)
 
     # What reads the whole posterior refuses, by name, and changes nothing.
     with pytest.raises(RuntimeError, match=r"means\['0-weight'\] is a shard.*VariationalAdam"):
         other.kl_divergence()
     with pytest.raises(RuntimeError, match=r"load_state_dict: fully_shard\(\) manages"):
-        other.load_state_dict(full_state(bm))
+        other.load_state_dict(make(seed=2).state_dict())  # another posterior: it would show
     assert_same(posterior(other), expected, rtol=0, atol=0)
 
     dist.barrier()
